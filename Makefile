@@ -1,0 +1,40 @@
+# Two set-up commands: `make run` and `make test`. Each builds .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch goes in first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# Pass extra pip arguments (e.g. a CPU wheel index) with TORCH_PIP_ARGS=...
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS    ?=
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM   := false
+
+.PHONY: run test venv lint clean assets
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/sft-cluster run jobs/smoke.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+assets: $(STAMP)
+	$(BIN)/python scripts/make_assets.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""sft-cluster: supervised fine-tuning launcher."""

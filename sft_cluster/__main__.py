@@ -1,0 +1,3 @@
+from sft_cluster.cli import main
+
+main()

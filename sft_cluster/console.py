@@ -1,0 +1,76 @@
+"""The driver's view of training: one live bar on a terminal, a line now and then in logs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class ProgressDisplay:
+    """Renders worker events (``start``, ``first_step``, ``step``) for a person watching."""
+
+    def __init__(self, console: Console, max_steps: int, log_every_seconds: float = 10.0):
+        self.console = console
+        self.max_steps = max_steps
+        self.log_every_seconds = log_every_seconds
+        self._last_line = 0.0
+        self._world_size: int | None = None
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.max_steps, loss="-", tps="-")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def handle(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event.get("kind")
+            if kind == "start" and event.get("world_size") != self._world_size:
+                self._world_size = event["world_size"]
+                self._say(f"workers up: world size {self._world_size}")
+            elif kind == "step":
+                self._step(event)
+            elif kind == "notice":
+                self._say(event["message"])
+
+    def _say(self, message: str) -> None:
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
+
+    def _step(self, event: dict[str, Any]) -> None:
+        loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
+        tps = f"{event['tokens_per_second']:,.0f}" if event.get("tokens_per_second") else "-"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=event["step"], loss=loss, tps=tps)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.log_every_seconds or event["step"] == self.max_steps:
+            self._last_line = now
+            self._say(f"step {event['step']}/{self.max_steps}  loss {loss}  {tps} tok/s")

@@ -1,0 +1,99 @@
+"""The embedded launcher: an in-process Ray cluster that only this run uses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from sft_cluster.spec import JobSpec, LocalCluster
+
+
+@contextmanager
+def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
+    """Start a private local Ray cluster and always shut it down (Ctrl-C included).
+
+    Own temp dir and ports, so it never joins another cluster on the machine.
+    Token auth stays on, with a fresh token kept in this process's
+    environment instead of ``~/.ray/auth_token``.
+    """
+    import ray
+
+    from sft_cluster.driver import WORKER_ENV
+
+    owned = temp_dir is None
+    # Ray's socket paths must stay short: keep the folder directly under /tmp.
+    root = temp_dir or tempfile.mkdtemp(prefix="sftc-ray-", dir="/tmp")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=root,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if owned:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_local(job: JobSpec, cluster: LocalCluster, console: Console) -> dict[str, Any]:
+    """``sft-cluster run``: train on this machine; returns the run summary."""
+    from sft_cluster.driver import run_training
+
+    started_at = time.time()
+    needed = int(job.resources.num_workers * job.resources.cpus_per_worker + 0.999)
+    num_cpus = cluster.num_cpus or max(needed, os.cpu_count() or 1)
+    console.print(f"[dim]starting a local Ray cluster ({num_cpus} CPUs)[/dim]")
+    with embedded_ray(num_cpus, cluster.temp_dir):
+        return run_training(job, console, started_at=started_at)
+
+
+def anchor_local_paths(job: JobSpec) -> JobSpec:
+    """Make relative local paths absolute, so workers resolve them like the user did."""
+    from sft_cluster.storage import is_local
+
+    def anchor(uri: str) -> str:
+        if uri.startswith("builtin:") or not is_local(uri):
+            return uri
+        return str(Path(uri.removeprefix("file://")).expanduser().absolute())
+
+    sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.sources]
+    model = job.model
+    if Path(model.name_or_path).exists():
+        model = model.model_copy(update={"name_or_path": anchor(model.name_or_path)})
+    return job.model_copy(
+        update={
+            "output_uri": anchor(job.output_uri),
+            "data": job.data.model_copy(update={"sources": sources}),
+            "model": model,
+        }
+    )
+
+
+def describe_local(job: JobSpec, cluster: LocalCluster) -> dict[str, Any]:
+    """What ``run`` would start, for ``--dry-run``."""
+    r = job.resources
+    return {
+        "launcher": "local (embedded Ray)",
+        "ray_init": {"num_cpus": cluster.num_cpus or max(int(r.num_workers * r.cpus_per_worker + 0.999), os.cpu_count() or 1)},
+        "scaling_config": {"num_workers": r.num_workers, "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}},
+        "backend": "nccl" if r.gpus_per_worker else "gloo",
+        "output_uri": job.output_uri,
+    }

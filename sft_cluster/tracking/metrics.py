@@ -1,0 +1,58 @@
+"""``metrics.jsonl``: appended locally by rank 0, mirrored to remote storage."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sft_cluster import storage
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step.
+
+    A local run directory is appended in place. For an object store (which
+    cannot append) the lines go to a local file that is uploaded whole at most
+    every ``sync_seconds`` and on ``close``. Existing lines are kept, so a
+    resumed run continues the same file.
+    """
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None, sync_seconds: float = 10.0):
+        self.uri = uri
+        self.options = options or {}
+        self.sync_seconds = sync_seconds
+        self._last_sync = 0.0
+        if storage.is_local(uri):
+            self._path = storage.local_path(uri)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._remote = False
+        else:
+            self._path = Path(tempfile.mkdtemp(prefix="sftc-metrics-")) / "metrics.jsonl"
+            if storage.exists(uri, self.options):
+                self._path.write_text(storage.read_text(uri, self.options))
+            self._remote = True
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self._path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._remote and time.monotonic() - self._last_sync > self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._remote:
+            storage.write_text(self.uri, self._path.read_text(), self.options)
+            self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+
+
+def read_metrics(uri: str, options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl``; empty when the file does not exist yet."""
+    if not storage.exists(uri, options):
+        return []
+    lines = storage.read_text(uri, options).splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

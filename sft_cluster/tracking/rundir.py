@@ -1,0 +1,58 @@
+"""Names of the files in a run directory, in one place."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft_cluster import storage
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory at ``uri`` (any fsspec URI) with its storage options."""
+
+    uri: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def job_yaml(self) -> str:
+        return storage.join(self.uri, "job.yaml")
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.uri, "metrics.jsonl")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.uri, "summary.json")
+
+    @property
+    def loss_png(self) -> str:
+        return storage.join(self.uri, "loss.png")
+
+    @property
+    def final(self) -> str:
+        return storage.join(self.uri, "final")
+
+    @property
+    def tensorboard(self) -> str:
+        return storage.join(self.uri, "tensorboard")
+
+    def worker_report(self, rank: int) -> str:
+        return storage.join(self.uri, "workers", f"rank-{rank:05d}.json")
+
+    def write_json(self, uri: str, data: dict[str, Any]) -> None:
+        storage.write_text(uri, json.dumps(data, indent=2, sort_keys=True) + "\n", self.options)
+
+    def read_json(self, uri: str) -> dict[str, Any]:
+        return json.loads(storage.read_text(uri, self.options))
+
+    def worker_reports(self) -> list[dict[str, Any]]:
+        """Every rank's report, ordered by rank."""
+        fs, path = storage.filesystem(storage.join(self.uri, "workers"), self.options)
+        if not fs.exists(path):
+            return []
+        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+        return [json.loads(fs.cat_file(p)) for p in files]

@@ -1,0 +1,57 @@
+"""``summary.json`` and ``loss.png``: written once a run ends, whatever the launcher."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sft_cluster.tracking.metrics import read_metrics
+from sft_cluster.tracking.plot import plot_loss
+from sft_cluster.tracking.rundir import RunDir
+
+
+def steady_tokens_per_second(records: list[dict[str, Any]]) -> float | None:
+    """Tokens per second between the first and the last logged step (warm-up excluded)."""
+    timed = [r for r in records if r.get("time") is not None and r.get("tokens") is not None]
+    if len(timed) < 2 or timed[-1]["time"] <= timed[0]["time"]:
+        return None
+    return (timed[-1]["tokens"] - timed[0]["tokens"]) / (timed[-1]["time"] - timed[0]["time"])
+
+
+def finalize_run(
+    run: RunDir,
+    *,
+    name: str,
+    status: str,
+    started_at: float,
+    restarts: int = 0,
+    error: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``summary.json`` and ``loss.png`` from what the workers left behind."""
+    records = read_metrics(run.metrics, run.options)
+    reports = run.worker_reports()
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    first_steps = [r["first_step_at"] for r in reports if r.get("first_step_at")]
+    summary: dict[str, Any] = {
+        "name": name,
+        "status": status,
+        "steps": records[-1]["step"] if records else 0,
+        "world_size": reports[0]["world_size"] if reports else None,
+        "nodes": sorted({r["hostname"] for r in reports}),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "tokens": records[-1]["tokens"] if records else 0,
+        "tokens_per_second": steady_tokens_per_second(records),
+        "time_to_first_step_seconds": (min(first_steps) - started_at) if first_steps else None,
+        "wall_seconds": time.time() - started_at,
+        "restarts": restarts,
+        "output_uri": run.uri,
+        "final_model": run.final if status == "completed" else None,
+        **(extra or {}),
+    }
+    if error:
+        summary["error"] = error
+    run.write_json(run.summary, summary)
+    plot_loss(records, run.loss_png, f"{name}: loss", run.options)
+    return summary

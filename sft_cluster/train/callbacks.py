@@ -1,0 +1,54 @@
+"""Trainer callbacks: metrics on rank 0 and live progress for the driver."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sft_cluster.tracking import MetricsLog
+from sft_cluster.train.progress import ProgressSink
+
+
+class ProgressCallback(TrainerCallback):
+    """Turns Trainer logs into ``metrics.jsonl`` records and progress events.
+
+    Only the world's process zero writes; the loss the Trainer logs is already
+    averaged over all ranks.
+    """
+
+    def __init__(self, metrics: MetricsLog | None, sink: ProgressSink, max_steps: int):
+        self.metrics = metrics
+        self.sink = sink
+        self.max_steps = max_steps
+        self.first_step_time: float | None = None
+        self._last: tuple[float, float] | None = None  # (time, tokens) at the previous log
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.first_step_time is None:
+            self.first_step_time = time.time()
+            if state.is_world_process_zero:
+                self.sink.emit({"kind": "first_step", "time": self.first_step_time})
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.time()
+        tokens = float(logs.get("num_tokens", 0.0))
+        tokens_per_second = None
+        if self._last is not None and now > self._last[0]:
+            tokens_per_second = (tokens - self._last[1]) / (now - self._last[0])
+        self._last = (now, tokens)
+        record = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens": int(tokens),
+            "tokens_per_second": tokens_per_second,
+            "time": now,
+        }
+        if self.metrics is not None:
+            self.metrics.append(record)
+        self.sink.emit({"kind": "step", "max_steps": self.max_steps, **record})

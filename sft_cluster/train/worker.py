@@ -1,0 +1,164 @@
+"""The per-worker program: the same function under Ray Train and under torchrun.
+
+It knows nothing about the launcher: distributed state comes from the
+standard environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) or from a process
+group the launcher already created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.distributed as dist
+from trl import SFTConfig, SFTTrainer
+
+from sft_cluster import storage
+from sft_cluster.data import load_conversations
+from sft_cluster.spec import JobSpec
+from sft_cluster.tracking import MetricsLog, RunDir
+from sft_cluster.train.callbacks import ProgressCallback
+from sft_cluster.train.model import build_model, load_tokenizer
+from sft_cluster.train.progress import LogSink, ProgressSink
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype
+    bf16: bool
+    fp16: bool
+
+
+def resolve_precision(job: JobSpec, on_gpu: bool) -> Precision:
+    """``auto`` is bf16 on a GPU that has it and fp32 otherwise."""
+    choice = job.strategy.precision
+    if choice == "auto":
+        choice = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if choice == "bf16":
+        return Precision(torch.bfloat16, bf16=True, fp16=False)
+    if choice == "fp16":
+        return Precision(torch.float32, bf16=False, fp16=True)
+    return Precision(torch.float32, bf16=False, fp16=False)
+
+
+class _RecordingCollator:
+    """Wraps the collator to fingerprint every row this rank trains on."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.row_digests: list[str] = []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        for row in batch["input_ids"]:
+            digest = hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16]
+            self.row_digests.append(digest)
+        return batch
+
+
+def _sft_config(job: JobSpec, output_dir: str, precision: Precision, on_gpu: bool) -> SFTConfig:
+    train, data = job.train, job.data
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="no",
+        report_to=list(job.tracking),
+        disable_tqdm=True,
+        log_level="warning",
+        # Without use_cpu a CPU rank trains alone even inside a process group.
+        use_cpu=not on_gpu,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=job.strategy.activation_checkpointing,
+        max_length=data.max_seq_len,
+        packing=data.packing,
+        assistant_only_loss=data.assistant_only_loss,
+    )
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]:
+    """Train ``job`` on this rank; rank 0 writes metrics and the final model."""
+    started = time.time()
+    sink = sink or LogSink()
+    rank, _ = _world()
+    on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    precision = resolve_precision(job, on_gpu)
+    run = RunDir(job.output_uri, storage.storage_options_for(
+        job.output_uri, job.storage.endpoint_url, job.storage.options))
+    staging = Path(tempfile.mkdtemp(prefix=f"sftc-{job.name}-rank{rank}-"))
+    if rank == 0 and "tensorboard" in job.tracking:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
+
+    tokenizer = load_tokenizer(job.model)
+    conversations = load_conversations(job.data, job.storage)
+    train_dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
+    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu)
+    model = build_model(job.model, job.train.seed, precision.dtype)
+    metrics = MetricsLog(run.metrics, run.options) if rank == 0 else None
+    progress = ProgressCallback(metrics, sink, job.train.max_steps)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[progress],
+    )
+    recorder = _RecordingCollator(trainer.data_collator)
+    trainer.data_collator = recorder
+    rank, world_size = _world()
+    sink.emit({"kind": "start", "rank": rank, "world_size": world_size})
+
+    trainer.train()
+
+    final_local = staging / "final"
+    trainer.save_model(str(final_local))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(final_local))
+        storage.upload_dir(final_local, run.final, run.options)
+        if "tensorboard" in job.tracking:
+            storage.upload_dir(staging / "tensorboard", run.tensorboard, run.options)
+    if metrics is not None:
+        metrics.close()
+
+    report = {
+        "rank": rank,
+        "world_size": world_size,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "model_wrapper": type(trainer.model_wrapped).__name__,
+        "device": str(trainer.args.device),
+        "steps": trainer.state.global_step,
+        "rows_seen": len(recorder.row_digests),
+        "row_digests": recorder.row_digests,
+        "started_at": started,
+        "first_step_at": progress.first_step_time,
+        "finished_at": time.time(),
+    }
+    run.write_json(run.worker_report(rank), report)
+    return report

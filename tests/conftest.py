@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated HOME and environment for everything the tests start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "sft_cluster"]
+
+
+def isolated_environment(home: Path) -> dict[str, str]:
+    """Environment for a subprocess: its own HOME (Ray writes ~/.ray), offline hub."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
+    return env
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    return isolated_environment(tmp_path / "home")
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path = REPO):
+    """Run ``sft-cluster ARGS`` as a user would and capture everything it prints."""
+    return subprocess.run(
+        [*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )

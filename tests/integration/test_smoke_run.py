@@ -1,0 +1,92 @@
+"""The smoke job end to end: real embedded Ray, 2 CPU workers, DDP over gloo.
+
+Runs the CLI once (module fixture) and checks the outcome from several sides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import isolated_environment, run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    home = tmp / "home"
+    env = isolated_environment(home)
+    out = tmp / "run"
+    result = run_cli(["run", "jobs/smoke.yaml", f"output_uri={out}", "train.max_steps=120"], env)
+    return result, out, home
+
+
+def test_run_exits_zero_and_prints_summary(smoke_run):
+    result, out, _ = smoke_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "completed" in result.stdout
+    assert str(out) in result.stdout.replace("\n", "")
+    assert "Traceback" not in result.stderr
+
+
+def test_loss_fell_clearly(smoke_run):
+    _, out, _ = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 120
+    assert summary["restarts"] == 0
+    assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
+    for key in ("tokens_per_second", "wall_seconds", "time_to_first_step_seconds"):
+        assert summary[key] > 0
+
+
+def test_two_workers_really_trained_together(smoke_run):
+    _, out, _ = smoke_run
+    reports = [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank-*.json"))]
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert {r["world_size"] for r in reports} == {2}
+    assert {r["distributed_type"] for r in reports} == {"MULTI_CPU"}
+    assert {r["model_wrapper"] for r in reports} == {"DistributedDataParallel"}
+    assert len({r["pid"] for r in reports}) == 2
+    seen = [set(r["row_digests"]) for r in reports]
+    assert all(len(s) > 50 for s in seen)
+    assert not seen[0] & seen[1], "both ranks trained on the same rows"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+def test_run_directory_layout(smoke_run):
+    _, out, _ = smoke_run
+    job = yaml.safe_load((out / "job.yaml").read_text())
+    assert job["train"]["max_steps"] == 120  # the override, resolved
+    assert job["output_uri"] == str(out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 121))
+    for key in ("step", "loss", "learning_rate", "tokens", "tokens_per_second"):
+        assert key in records[-1]
+    assert records[-1]["tokens"] > records[0]["tokens"] > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_final_model_loads_and_generates(smoke_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = smoke_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_embedded_ray_left_home_untouched(smoke_run):
+    _, _, home = smoke_run
+    assert not (Path(home) / ".ray" / "auth_token").exists()
