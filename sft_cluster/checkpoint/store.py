@@ -1,0 +1,136 @@
+"""Commit, find, verify and prune checkpoints under a run's ``checkpoints/``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_cluster import storage
+from sft_cluster.checkpoint.manifest import COMMITTED, MANIFEST, Manifest
+
+log = logging.getLogger("sft_cluster.checkpoint")
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class CommittedCheckpoint:
+    step: int
+    uri: str
+    manifest: Manifest
+
+
+class CheckpointStore:
+    """The ``checkpoints/`` folder of one run, on any fsspec filesystem."""
+
+    def __init__(self, run_uri: str, options: dict[str, Any] | None = None):
+        self.uri = storage.join(run_uri, "checkpoints")
+        self.options = options or {}
+        self.fs, self.path = storage.filesystem(self.uri, self.options)
+
+    def step_uri(self, step: int) -> str:
+        return storage.join(self.uri, f"step-{step:08d}")
+
+    def _step_path(self, step: int) -> str:
+        return f"{self.path.rstrip('/')}/step-{step:08d}"
+
+    def steps(self) -> list[int]:
+        """Every step folder present, committed or not, oldest first."""
+        if not self.fs.exists(self.path):
+            return []
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
+        return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.match(n)))
+
+    def is_committed(self, step: int) -> bool:
+        return self.fs.exists(f"{self._step_path(step)}/{COMMITTED}")
+
+    def committed_steps(self) -> list[int]:
+        return [s for s in self.steps() if self.is_committed(s)]
+
+    def upload(self, local_dir: Path, step: int) -> None:
+        """Copy a local checkpoint folder's files into the step folder (not committed yet)."""
+        target = self._step_path(step)
+        if storage.is_local(self.uri):
+            Path(target).mkdir(parents=True, exist_ok=True)
+        self.fs.put(str(local_dir).rstrip("/") + "/", target + "/", recursive=True)
+
+    def commit(self, manifest: Manifest) -> str:
+        """Write the manifest, then ``COMMITTED``: from that moment the checkpoint counts."""
+        step_uri = self.step_uri(manifest.step)
+        storage.write_text(storage.join(step_uri, MANIFEST), manifest.to_json(), self.options)
+        storage.write_text(storage.join(step_uri, COMMITTED), f"{manifest.step}\n", self.options)
+        return step_uri
+
+    def verify(self, step: int, fast: bool = False) -> Manifest:
+        """The manifest of ``step`` if every file matches it; raises ValueError naming the problem."""
+        base = self._step_path(step)
+        try:
+            manifest = Manifest.from_json(self.fs.cat_file(f"{base}/{MANIFEST}").decode())
+        except FileNotFoundError:
+            raise ValueError("manifest.json is missing") from None
+        for rel, expected in manifest.files.items():
+            path = f"{base}/{rel}"
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                raise ValueError(f"{rel} is missing") from None
+            if size != expected["size"]:
+                raise ValueError(f"{rel} has {size} bytes, manifest says {expected['size']}")
+            if not fast:
+                digest = hashlib.sha256()
+                with self.fs.open(path, "rb") as handle:
+                    while chunk := handle.read(8 << 20):
+                        digest.update(chunk)
+                if digest.hexdigest() != expected["sha256"]:
+                    raise ValueError(f"{rel} does not match its sha256 in the manifest")
+        return manifest
+
+    def latest(self, fast: bool = False) -> CommittedCheckpoint | None:
+        """The newest checkpoint that is committed and verifies; warns about each one skipped."""
+        for step in reversed(self.steps()):
+            uri = self.step_uri(step)
+            if not self.is_committed(step):
+                log.warning("skipping checkpoint %s: no COMMITTED marker (incomplete save)", uri)
+                continue
+            try:
+                manifest = self.verify(step, fast=fast)
+            except ValueError as exc:
+                log.warning("skipping checkpoint %s: %s", uri, exc)
+                continue
+            return CommittedCheckpoint(step, uri, manifest)
+        return None
+
+    def download(self, step: int, local_dir: Path) -> Path:
+        """Copy a step folder to ``local_dir`` (or use it in place when it is local)."""
+        if storage.is_local(self.uri):
+            return Path(self._step_path(step))
+        local_dir.mkdir(parents=True, exist_ok=True)
+        self.fs.get(self._step_path(step) + "/", str(local_dir) + "/", recursive=True)
+        return local_dir
+
+    def prune(self, keep_last: int, keep_every: int | None = None) -> list[int]:
+        """Delete old checkpoints; returns the steps deleted.
+
+        Keeps the newest ``keep_last`` committed ones and every multiple of
+        ``keep_every``. Uncommitted folders older than the newest committed
+        one are leftovers of interrupted saves and go too; newer ones may be a
+        save in progress and stay.
+        """
+        committed = self.committed_steps()
+        if not committed:
+            return []
+        keep = set(committed[-keep_last:])
+        if keep_every:
+            keep |= {s for s in committed if s % keep_every == 0}
+        newest = committed[-1]
+        doomed = [s for s in self.steps() if s not in keep and s < newest]
+        for step in doomed:
+            path = self._step_path(step)
+            # Remove the marker first: a half-deleted folder must never look committed.
+            if self.fs.exists(f"{path}/{COMMITTED}"):
+                self.fs.rm(f"{path}/{COMMITTED}")
+            self.fs.rm(path, recursive=True)
+        return doomed
