@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -126,6 +127,137 @@ def _print_summary(summary: dict) -> None:
         table.add_row("model", summary["final_model"])
     if summary.get("error"):
         table.add_row("error", f"[red]{summary['error']}[/red]")
+    console.print(table)
+
+
+def _remote(job_path: Path, overrides: list[str] | None, cluster: Path | None, kind: str, dry_run: bool):
+    from sft_cluster.launch import LaunchError, get_backend, registry
+
+    if cluster is None:
+        _fail([f"--cluster is required: a cluster file of kind '{kind}' (see cluster_configs/)"])
+    job, cluster_spec = load_checked(job_path, overrides, cluster)
+    if cluster_spec.kind != kind:
+        verb = {"ray": "submit", "slurm": "sbatch", "local": "run"}[cluster_spec.kind]
+        _fail([f"{cluster}: kind is '{cluster_spec.kind}', not '{kind}' (use 'sft-cluster {verb}')"])
+    try:
+        outcome = get_backend(cluster_spec, str(cluster)).submit(job, dry_run=dry_run)
+    except LaunchError as exc:
+        _fail([str(exc)])
+    if isinstance(outcome, str):
+        console.print(outcome, highlight=False, markup=False, soft_wrap=True)
+        return
+    registry.remember(outcome)
+    console.print(f"submitted [bold]{outcome.id}[/bold]  output_uri: {outcome.output_uri}")
+    return outcome
+
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would be submitted; submit nothing.")]
+
+
+@app.command()
+def submit(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None,
+           dry_run: DryRunOpt = False,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream logs until the job ends.")] = False) -> None:
+    """Submit to a Ray cluster as a Ray Job."""
+    submission = _remote(job_path, overrides, cluster, "ray", dry_run)
+    if submission is not None and follow:
+        _follow_to_end(submission.id, cluster)
+
+
+@app.command()
+def sbatch(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None,
+           dry_run: DryRunOpt = False) -> None:
+    """Submit to Slurm with sbatch."""
+    _remote(job_path, overrides, cluster, "slurm", dry_run)
+
+
+IdArg = Annotated[str, typer.Argument(help="Job id printed by submit/sbatch.", show_default=False)]
+
+
+def _backend_for(job_id: str | None, cluster: Path | None):
+    """The backend that runs ``job_id``: from --cluster, else from the local registry."""
+    from sft_cluster.launch import get_backend, registry
+
+    if cluster is None and job_id is not None:
+        known = registry.find(job_id)
+        if known is None:
+            _fail([f"unknown job id '{job_id}': not submitted from here; pass --cluster FILE"])
+        cluster = Path(known.cluster_file)
+    if cluster is None:
+        _fail(["--cluster is required"])
+    try:
+        spec = load_cluster(cluster)
+    except SpecError as exc:
+        _fail(exc.problems)
+    if spec.kind == "local":
+        _fail([f"{cluster}: local runs have no job ids; look in the run directory instead"])
+    return get_backend(spec, str(cluster))
+
+
+def _call(fn, *args, **kwargs):
+    from sft_cluster.launch import LaunchError
+
+    try:
+        return fn(*args, **kwargs)
+    except LaunchError as exc:
+        _fail([str(exc)])
+
+
+def _follow_to_end(job_id: str, cluster: Path | None) -> None:
+    backend = _backend_for(job_id, cluster)
+    for line in _call(backend.logs, job_id, follow=True):
+        console.print(line, highlight=False, markup=False, end="")
+    final = _call(backend.status, job_id)
+    console.print(f"job {job_id}: {final.state}")
+    if not final.succeeded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: IdArg, cluster: ClusterOpt = None) -> None:
+    """State of a submitted job (Ray Job or Slurm job)."""
+    state = _call(_backend_for(job_id, cluster).status, job_id)
+    console.print(f"{state.id}  {state.state}" + (f"  {state.message}" if state.message else ""), highlight=False)
+
+
+@app.command()
+def logs(job_id: IdArg, cluster: ClusterOpt = None,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False) -> None:
+    """Print a job's logs."""
+    if follow:
+        _follow_to_end(job_id, cluster)
+        return
+    for line in _call(_backend_for(job_id, cluster).logs, job_id, follow=False):
+        console.print(line, highlight=False, markup=False, end="")
+
+
+@app.command()
+def stop(job_id: IdArg, cluster: ClusterOpt = None) -> None:
+    """Stop a running job."""
+    _call(_backend_for(job_id, cluster).stop, job_id)
+    console.print(f"stop requested for {job_id}")
+
+
+@app.command("list")
+def list_jobs(cluster: ClusterOpt = None) -> None:
+    """Jobs on a cluster (with --cluster) or every job submitted from here."""
+    import datetime
+
+    from sft_cluster.launch import registry
+
+    clusters = [cluster] if cluster else sorted({Path(s.cluster_file) for s in registry.submissions()})
+    known = {s.id: s for s in registry.submissions()}
+    table = Table("id", "job", "state", "start", "duration", "output_uri")
+
+    def when(ts: float | None) -> str:
+        return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+    for path in clusters:
+        for job in _call(_backend_for(None, path).list):
+            mine = known.get(job.id)
+            duration = f"{(job.end or time.time()) - job.start:.0f} s" if job.start else "-"
+            table.add_row(job.id, job.name or (mine.name if mine else "-"), job.state, when(job.start),
+                          duration, job.output_uri or (mine.output_uri if mine else "-"))
     console.print(table)
 
 

@@ -1,0 +1,79 @@
+"""What every remote backend offers: submit (with dry run), status, logs, stop, list.
+
+Modelled on torchx's scheduler API: a dry run is the submission request,
+rendered and printed instead of sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from sft_cluster.spec import JobSpec
+
+# Exit code of a worker that checkpointed because it was asked to stop
+# (preemption): launchers treat it as "requeue me" (EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = 75
+
+
+class LaunchError(Exception):
+    """A problem the user can act on (unreachable cluster, unknown job id, ...)."""
+
+
+@dataclass
+class Submission:
+    """What ``submit``/``sbatch`` returns and the local registry remembers."""
+
+    id: str
+    backend: str
+    cluster_file: str
+    name: str
+    output_uri: str
+    submitted_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobState:
+    """One job as a backend sees it; ``state`` uses the backend's own words."""
+
+    id: str
+    state: str
+    name: str | None = None
+    start: float | None = None
+    end: float | None = None
+    output_uri: str | None = None
+    message: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state in ("SUCCEEDED", "COMPLETED")
+
+
+TERMINAL_STATES = frozenset(
+    {"SUCCEEDED", "FAILED", "STOPPED", "COMPLETED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+     "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+)
+
+
+class Backend(Protocol):
+    kind: str
+
+    def submit(self, job: JobSpec, dry_run: bool = False) -> Submission | str:
+        """Submit ``job``; with ``dry_run`` return what would be submitted, as text."""
+
+    def status(self, job_id: str) -> JobState: ...
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]: ...
+
+    def stop(self, job_id: str) -> None: ...
+
+    def list(self) -> list[JobState]: ...
