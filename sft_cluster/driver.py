@@ -77,6 +77,18 @@ def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event) -> No
     display.handle(ray.get(channel.drain.remote()))
 
 
+def describe_failure(exc: Exception) -> tuple[str, str]:
+    """(one line for the summary, the full text for the console) of a failed run."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, failure = min(failures.items())
+        text = str(failure).strip()
+        lines = [line for line in text.splitlines() if line.strip()]
+        return f"rank {rank}: {lines[-1].strip() if lines else type(failure).__name__}", text
+    text = str(exc).strip()
+    return (text.splitlines()[-1] if text else type(exc).__name__), text
+
+
 def run_training(job: JobSpec, console: Console, started_at: float | None = None) -> dict[str, Any]:
     """Train ``job`` on the Ray cluster this process is connected to; returns the summary."""
     started_at = started_at or time.time()
@@ -110,7 +122,8 @@ def run_training(job: JobSpec, console: Console, started_at: float | None = None
             trainer.fit()
             status = "completed"
         except ray.train.TrainingFailedError as exc:
-            error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            error, details = describe_failure(exc)
+            console.print(details, style="dim", highlight=False, markup=False)
         finally:
             stop.set()
             follower.join(timeout=15)

@@ -26,6 +26,10 @@ def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
     Token auth stays on, with a fresh token kept in this process's
     environment instead of ``~/.ray/auth_token``.
     """
+    # Ray reads its auth settings once, when it is imported: set them first.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
     from sft_cluster.driver import WORKER_ENV
@@ -33,9 +37,6 @@ def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
     owned = temp_dir is None
     # Ray's socket paths must stay short: keep the folder directly under /tmp.
     root = temp_dir or tempfile.mkdtemp(prefix="sftc-ray-", dir="/tmp")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if os.environ["RAY_AUTH_MODE"] == "token":
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -55,13 +56,13 @@ def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
 
 def run_local(job: JobSpec, cluster: LocalCluster, console: Console) -> dict[str, Any]:
     """``sft-cluster run``: train on this machine; returns the run summary."""
-    from sft_cluster.driver import run_training
-
     started_at = time.time()
     needed = int(job.resources.num_workers * job.resources.cpus_per_worker + 0.999)
     num_cpus = cluster.num_cpus or max(needed, os.cpu_count() or 1)
     console.print(f"[dim]starting a local Ray cluster ({num_cpus} CPUs)[/dim]")
     with embedded_ray(num_cpus, cluster.temp_dir):
+        from sft_cluster.driver import run_training  # imports ray: only after its auth is set
+
         return run_training(job, console, started_at=started_at)
 
 

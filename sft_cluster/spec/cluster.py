@@ -1,0 +1,139 @@
+"""The cluster file: where a job runs (``kind: local | ray | slurm``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter, field_validator
+
+from sft_cluster.spec.job import StorageSpec, Strict
+
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+_SLURM_SIGNAL = re.compile(r"^(B:)?(SIG)?[A-Z0-9]+(@\d+)?$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+_CREDENTIAL_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
+
+
+class LocalCluster(Strict):
+    kind: Literal["local"] = "local"
+    num_cpus: int | None = Field(None, gt=0)
+    temp_dir: str | None = None
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+
+class RayAuthSpec(Strict):
+    mode: Literal["none", "token"] = "none"
+    token_env: str = "RAY_AUTH_TOKEN"
+    token_file: str | None = None
+
+
+class RayRuntimeEnvSpec(Strict):
+    working_dir: str = "."
+    excludes: list[str] = Field(
+        default_factory=lambda: [".venv", "runs/", ".git", "__pycache__", "*.pyc", ".pytest_cache"]
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=list)
+    py_modules: list[str] = Field(default_factory=list)
+    image_uri: str | None = None
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if _CREDENTIAL_NAME.search(name):
+                raise ValueError(
+                    f"'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
+                    "taken from your environment at submit time instead of written in a file"
+                )
+        return env
+
+
+class RayCluster(Strict):
+    kind: Literal["ray"]
+    address: str | None = None
+    auth: RayAuthSpec = Field(default_factory=RayAuthSpec)
+    runtime_env: RayRuntimeEnvSpec = Field(default_factory=RayRuntimeEnvSpec)
+    entrypoint_num_cpus: float = Field(0, ge=0)
+    entrypoint_resources: dict[str, float] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    multi_node: bool = False
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("address")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be the dashboard's http(s) address, e.g. http://head:8265")
+        return value
+
+
+class SlurmContainerSpec(Strict):
+    kind: Literal["pyxis", "apptainer"]
+    image: str
+    mounts: list[str] = Field(default_factory=list)
+
+
+class SlurmCluster(Strict):
+    kind: Literal["slurm"]
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int | None = Field(None, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, gt=0)
+    mem: str | None = None
+    time: str = "01:00:00"
+    constraint: str | None = None
+    exclusive: bool = False
+    extra_sbatch: list[str] = Field(default_factory=list)
+    modules: list[str] = Field(default_factory=list)
+    setup: str | None = None
+    container: SlurmContainerSpec | None = None
+    launcher: Literal["ray", "torchrun"] = "ray"
+    signal: str = "B:USR1@300"
+    max_requeues: int = Field(3, ge=0)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_name(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        if not _SLURM_TIME.match(value):
+            raise ValueError("use a Slurm time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _slurm_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_MEM.match(value):
+            raise ValueError("use a Slurm memory size such as 64G, 500M or 0 (all)")
+        return value
+
+    @field_validator("signal")
+    @classmethod
+    def _slurm_signal(cls, value: str) -> str:
+        if not _SLURM_SIGNAL.match(value):
+            raise ValueError("use [B:]SIGNAL[@SECONDS], e.g. B:USR1@300")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_options(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            if not line.startswith("--"):
+                raise ValueError(f"'{line}' must be a long sbatch option starting with '--'")
+        return lines
+
+
+ClusterSpec = Annotated[LocalCluster | RayCluster | SlurmCluster, Field(discriminator="kind")]
+CLUSTER_ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
+CLUSTER_KINDS: dict[str, type[Strict]] = {"local": LocalCluster, "ray": RayCluster, "slurm": SlurmCluster}
