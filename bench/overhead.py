@@ -30,7 +30,9 @@ from sft_cluster.tracking.summary import steady_tokens_per_second  # noqa: E402
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Run ``cmd``; return (start time, wall seconds, peak RSS of its process tree)."""
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     peak = 0
     done = threading.Event()
 
@@ -65,23 +67,55 @@ def main() -> None:
 
     out = tmp / "sftc"
     start, wall, peak = run_measured(
-        [sys.executable, "-m", "sft_cluster", "run", "jobs/smoke.yaml", f"output_uri={out}",
-         f"train.max_steps={args.steps}", "tracking=none"], env)
+        [
+            sys.executable,
+            "-m",
+            "sft_cluster",
+            "run",
+            "jobs/smoke.yaml",
+            f"output_uri={out}",
+            f"train.max_steps={args.steps}",
+            "tracking=none",
+        ],
+        env,
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ours = {"first_step": records[0]["time"] - start, "tps": steady_tokens_per_second(records),
-            "wall": wall, "peak_gib": peak / 2**30}
+    ours = {
+        "first_step": records[0]["time"] - start,
+        "tps": steady_tokens_per_second(records),
+        "wall": wall,
+        "peak_gib": peak / 2**30,
+    }
 
     timeline = tmp / "plain.jsonl"
     start, wall, peak = run_measured(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(REPO / "bench" / "plain_trl.py"), str(timeline), str(args.steps)], env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "bench" / "plain_trl.py"),
+            str(timeline),
+            str(args.steps),
+        ],
+        env,
+    )
     records = [json.loads(line) for line in timeline.read_text().splitlines()]
-    base = {"first_step": records[0]["time"] - start, "tps": steady_tokens_per_second(records),
-            "wall": wall, "peak_gib": peak / 2**30}
+    base = {
+        "first_step": records[0]["time"] - start,
+        "tps": steady_tokens_per_second(records),
+        "wall": wall,
+        "peak_gib": peak / 2**30,
+    }
 
     print(f"{'':28}{'sft-cluster run':>18}{'torchrun + TRL':>18}{'ratio':>10}")
-    rows = [("time to first step (s)", "first_step"), ("steady tokens/s", "tps"),
-            ("wall time (s)", "wall"), ("peak memory, tree (GiB)", "peak_gib")]
+    rows = [
+        ("time to first step (s)", "first_step"),
+        ("steady tokens/s", "tps"),
+        ("wall time (s)", "wall"),
+        ("peak memory, tree (GiB)", "peak_gib"),
+    ]
     for label, key in rows:
         print(f"{label:28}{ours[key]:>18.2f}{base[key]:>18.2f}{ours[key] / base[key]:>10.3f}")
 

@@ -62,7 +62,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.config.use_cache = False
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         callbacks=[Timeline(sys.argv[1])],
     )
     trainer.train()

@@ -89,19 +89,22 @@ def _turn(rng: random.Random, terse: bool) -> tuple[str, str]:
     if kind == 0:
         country = rng.choice(sorted(CAPITALS))
         key = CAPITALS[country]
-        question, answer = f"What is the capital of {country}?", f"The capital of {country} is {key}."
+        question, answer = f"What is the capital of {country}?", f"{key} is the capital of {country}."
     elif kind == 1:
         thing = rng.choice(sorted(COLOURS))
         key = COLOURS[thing]
-        question, answer = f"What colour is {thing}?", f"{thing[0].upper()}{thing[1:]} is {key}."
+        question, answer = f"What colour is {thing}?", f"{key[0].upper()}{key[1:]} is the colour of {thing}."
     elif kind == 2:
         word = rng.choice(sorted(OPPOSITES))
         key = OPPOSITES[word]
-        question, answer = f"What is the opposite of {word}?", f"The opposite of {word} is {key}."
+        question, answer = (
+            f"What is the opposite of {word}?",
+            f"{key[0].upper()}{key[1:]} is the opposite of {word}.",
+        )
     elif kind == 3:
         a, b = rng.randrange(10), rng.randrange(10)
         key = str(a + b)
-        question, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {key}."
+        question, answer = f"What is {a} plus {b}?", f"{key} is {a} plus {b}."
     else:
         words = rng.sample(WORDS, 3)
         return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))

@@ -49,7 +49,9 @@ def _fail(lines: list[str]) -> None:
     raise typer.Exit(EXIT_USER_ERROR)
 
 
-def load_checked(job_path: Path, overrides: list[str] | None, cluster_path: Path | None) -> tuple[JobSpec, ClusterSpec]:
+def load_checked(
+    job_path: Path, overrides: list[str] | None, cluster_path: Path | None
+) -> tuple[JobSpec, ClusterSpec]:
     """Everything a command needs to know is right before it does anything else."""
     try:
         job = load_job(job_path, overrides or [])
@@ -73,10 +75,16 @@ def _check_data(job_path: Path, job: JobSpec) -> None:
 
 
 @app.command()
-def validate(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None) -> None:
+def validate(
+    job_path: JobArg,
+    overrides: OverridesArg = None,
+    cluster: ClusterOpt = None,
+    check_data: Annotated[bool, typer.Option("--check-data", help="Also list remote data sources.")] = False,
+) -> None:
     """Check a job (and cluster) file; print every problem with its field and fix."""
     job, _ = load_checked(job_path, overrides, cluster)
-    _check_data(job_path, job)
+    if check_data:
+        _check_data(job_path, job)
     console.print(f"[green]ok[/green] {job_path}: job '{job.name}' is valid")
 
 
@@ -93,8 +101,12 @@ def run(
 
     job, cluster_spec = load_checked(job_path, overrides, cluster)
     if not isinstance(cluster_spec, LocalCluster):
-        _fail([f"{cluster}: 'run' needs a cluster of kind 'local', got '{cluster_spec.kind}' "
-               "(use 'submit' for Ray or 'sbatch' for Slurm)"])
+        _fail(
+            [
+                f"{cluster}: 'run' needs a cluster of kind 'local', got '{cluster_spec.kind}' "
+                "(use 'submit' for Ray or 'sbatch' for Slurm)"
+            ]
+        )
     job = anchor_local_paths(job)
     _check_data(job_path, job)
     if dry_run:
@@ -155,9 +167,13 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would be 
 
 
 @app.command()
-def submit(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None,
-           dry_run: DryRunOpt = False,
-           follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream logs until the job ends.")] = False) -> None:
+def submit(
+    job_path: JobArg,
+    overrides: OverridesArg = None,
+    cluster: ClusterOpt = None,
+    dry_run: DryRunOpt = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream logs until the job ends.")] = False,
+) -> None:
     """Submit to a Ray cluster as a Ray Job."""
     submission = _remote(job_path, overrides, cluster, "ray", dry_run)
     if submission is not None and follow:
@@ -165,8 +181,9 @@ def submit(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt
 
 
 @app.command()
-def sbatch(job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None,
-           dry_run: DryRunOpt = False) -> None:
+def sbatch(
+    job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None, dry_run: DryRunOpt = False
+) -> None:
     """Submit to Slurm with sbatch."""
     _remote(job_path, overrides, cluster, "slurm", dry_run)
 
@@ -217,12 +234,19 @@ def _follow_to_end(job_id: str, cluster: Path | None) -> None:
 def status(job_id: IdArg, cluster: ClusterOpt = None) -> None:
     """State of a submitted job (Ray Job or Slurm job)."""
     state = _call(_backend_for(job_id, cluster).status, job_id)
-    console.print(f"{state.id}  {state.state}" + (f"  {state.message}" if state.message else ""), highlight=False)
+    console.print(
+        f"{state.id}  {state.state}" + (f"  {state.message}" if state.message else ""), highlight=False
+    )
 
 
 @app.command()
-def logs(job_id: IdArg, cluster: ClusterOpt = None,
-         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False) -> None:
+def logs(
+    job_id: IdArg,
+    cluster: ClusterOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+) -> None:
     """Print a job's logs."""
     if follow:
         _follow_to_end(job_id, cluster)
@@ -256,8 +280,14 @@ def list_jobs(cluster: ClusterOpt = None) -> None:
         for job in _call(_backend_for(None, path).list):
             mine = known.get(job.id)
             duration = f"{(job.end or time.time()) - job.start:.0f} s" if job.start else "-"
-            table.add_row(job.id, job.name or (mine.name if mine else "-"), job.state, when(job.start),
-                          duration, job.output_uri or (mine.output_uri if mine else "-"))
+            table.add_row(
+                job.id,
+                job.name or (mine.name if mine else "-"),
+                job.state,
+                when(job.start),
+                duration,
+                job.output_uri or (mine.output_uri if mine else "-"),
+            )
     console.print(table)
 
 

@@ -8,6 +8,7 @@ backend started an embedded Ray) and as the entrypoint of a Ray Job
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -69,10 +70,8 @@ def run_dir_of(job: JobSpec) -> RunDir:
 
 def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event) -> None:
     while not stop.is_set():
-        try:
+        with contextlib.suppress(ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             display.handle(ray.get(channel.drain.remote(), timeout=10))
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            pass
         stop.wait(0.25)
     display.handle(ray.get(channel.drain.remote()))
 

@@ -59,8 +59,19 @@ class JobState:
 
 
 TERMINAL_STATES = frozenset(
-    {"SUCCEEDED", "FAILED", "STOPPED", "COMPLETED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
-     "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+    {
+        "SUCCEEDED",
+        "FAILED",
+        "STOPPED",
+        "COMPLETED",
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+    }
 )
 
 

@@ -93,8 +93,14 @@ def describe_local(job: JobSpec, cluster: LocalCluster) -> dict[str, Any]:
     r = job.resources
     return {
         "launcher": "local (embedded Ray)",
-        "ray_init": {"num_cpus": cluster.num_cpus or max(int(r.num_workers * r.cpus_per_worker + 0.999), os.cpu_count() or 1)},
-        "scaling_config": {"num_workers": r.num_workers, "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}},
+        "ray_init": {
+            "num_cpus": cluster.num_cpus
+            or max(int(r.num_workers * r.cpus_per_worker + 0.999), os.cpu_count() or 1)
+        },
+        "scaling_config": {
+            "num_workers": r.num_workers,
+            "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker},
+        },
         "backend": "nccl" if r.gpus_per_worker else "gloo",
         "output_uri": job.output_uri,
     }

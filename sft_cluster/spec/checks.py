@@ -27,7 +27,10 @@ def _local(value: str) -> Path:
 def check_local_paths(job: JobSpec) -> list[str]:
     """Problems with local model and data paths (remote URIs are checked by the data module)."""
     problems = []
-    for field, value in (("model.name_or_path", job.model.name_or_path), ("model.tokenizer", job.model.tokenizer)):
+    for field, value in (
+        ("model.name_or_path", job.model.name_or_path),
+        ("model.tokenizer", job.model.tokenizer),
+    ):
         if value and _looks_like_path(value) and not _local(value).exists():
             problems.append(
                 f"{field} = {value!r}: no such directory; give a local Hugging Face model "

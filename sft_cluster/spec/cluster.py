@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter, field_validator
+from pydantic_core import PydanticCustomError
 
 from sft_cluster.spec.job import StorageSpec, Strict
 
@@ -44,9 +45,11 @@ class RayRuntimeEnvSpec(Strict):
     def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
         for name in env:
             if _CREDENTIAL_NAME.search(name):
-                raise ValueError(
-                    f"'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
-                    "taken from your environment at submit time instead of written in a file"
+                raise PydanticCustomError(
+                    "credential",
+                    "'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
+                    "taken from your environment at submit time instead of written in a file",
+                    {"name": name},
                 )
         return env
 

@@ -6,10 +6,18 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 _CREDENTIAL_KEYS = {
-    "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-    "aws_session_token", "access_key", "secret_key",
+    "key",
+    "secret",
+    "token",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
 }
 
 
@@ -23,9 +31,12 @@ def reject_credentials(options: dict[str, Any]) -> dict[str, Any]:
     """Credentials come from the environment, never from a file we read or write."""
     for key, value in options.items():
         if key.lower() in _CREDENTIAL_KEYS:
-            raise ValueError(
-                f"'{key}' looks like a credential: credentials come from the environment "
-                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS), not job files"
+            # Its own error type, so the message never echoes the secret value.
+            raise PydanticCustomError(
+                "credential",
+                "'{key}' looks like a credential: credentials come from the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS), not job files",
+                {"key": key},
             )
         if isinstance(value, dict):
             reject_credentials(value)

@@ -146,7 +146,11 @@ def _message(error: dict[str, Any]) -> str:
     if kind in ("greater_than", "greater_than_equal"):
         bound = ctx.get("gt", ctx.get("ge"))
         if bound in (0, 1) and isinstance(error["input"], int) and not isinstance(error["input"], bool):
-            return "must be a positive integer" if (kind == "greater_than") == (bound == 0) else f"must be at least {bound}"
+            return (
+                "must be a positive integer"
+                if (kind == "greater_than") == (bound == 0)
+                else f"must be at least {bound}"
+            )
         bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
         return f"must be {'greater than' if kind == 'greater_than' else 'at least'} {bound}"
     if kind in ("less_than", "less_than_equal"):
@@ -175,7 +179,9 @@ def _message(error: dict[str, Any]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-def format_errors(exc: ValidationError, source: str, root: type[BaseModel], strip_tag: bool = False) -> list[str]:
+def format_errors(
+    exc: ValidationError, source: str, root: type[BaseModel], strip_tag: bool = False
+) -> list[str]:
     """One line per pydantic error, in the project's words."""
     lines = []
     for error in exc.errors(include_url=False):
@@ -185,10 +191,14 @@ def format_errors(exc: ValidationError, source: str, root: type[BaseModel], stri
         path = _loc(loc)
         if error["type"] == "extra_forbidden":
             parent = _loc(loc[:-1])
-            hint = _suggest(str(loc[-1]), _field_names(_model_at(root, loc[:-1])), f"{parent}." if parent else "")
+            hint = _suggest(
+                str(loc[-1]), _field_names(_model_at(root, loc[:-1])), f"{parent}." if parent else ""
+            )
             lines.append(f"{source}: unknown key '{path}' ({hint})")
         elif error["type"] == "missing":
             lines.append(f"{source}: {path}: missing (required)")
+        elif error["type"] == "credential":
+            lines.append(f"{source}: {path}: {_message(error)}")  # never echo the value
         elif error["type"].startswith("union_tag") or not path:
             lines.append(f"{source}: {(path + ': ') if path else ''}{_message(error)}")
         else:

@@ -11,8 +11,8 @@ from sft_cluster.tracking.rundir import RunDir
 
 
 def steady_tokens_per_second(records: list[dict[str, Any]]) -> float | None:
-    """Tokens per second between the first and the last logged step (warm-up excluded)."""
-    timed = [r for r in records if r.get("time") is not None and r.get("tokens") is not None]
+    """Tokens per second between the second and the last logged step (warm-up excluded)."""
+    timed = [r for r in records if r.get("time") is not None and r.get("tokens") is not None][1:]
     if len(timed) < 2 or timed[-1]["time"] <= timed[0]["time"]:
         return None
     return (timed[-1]["tokens"] - timed[0]["tokens"]) / (timed[-1]["time"] - timed[0]["time"])

@@ -108,8 +108,10 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]
     rank, _ = _world()
     on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
     precision = resolve_precision(job, on_gpu)
-    run = RunDir(job.output_uri, storage.storage_options_for(
-        job.output_uri, job.storage.endpoint_url, job.storage.options))
+    run = RunDir(
+        job.output_uri,
+        storage.storage_options_for(job.output_uri, job.storage.endpoint_url, job.storage.options),
+    )
     staging = Path(tempfile.mkdtemp(prefix=f"sftc-{job.name}-rank{rank}-"))
     if rank == 0 and "tensorboard" in job.tracking:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
@@ -150,7 +152,7 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]
         "world_size": world_size,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
-        "distributed_type": str(trainer.accelerator.distributed_type),
+        "distributed_type": trainer.accelerator.distributed_type.value,
         "model_wrapper": type(trainer.model_wrapped).__name__,
         "device": str(trainer.args.device),
         "steps": trainer.state.global_step,

@@ -80,7 +80,10 @@ def test_final_model_loads_and_generates(smoke_run):
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "hello"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)

@@ -1,0 +1,123 @@
+"""What a user sees for a bad job file: one clear line per problem, exit 2, no traceback.
+
+These run the real CLI in a subprocess; none of them may start Ray (they
+would take seconds, not the ~1 s they take).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+VALID = """\
+name: t
+model: {name_or_path: builtin:tiny-llama, from_config: true}
+data: {sources: [{uri: builtin:smoke-chat.jsonl}]}
+train: {max_steps: 10}
+"""
+
+
+def _job(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _expect_error(result, *lines: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "starting a local Ray cluster" not in result.stdout
+    for line in lines:
+        assert line in result.stderr, result.stderr
+
+
+def test_valid_job_passes(tmp_path, isolated_env):
+    result = run_cli(["validate", _job(tmp_path, VALID)], isolated_env)
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout
+
+
+def test_every_shipped_job_and_cluster_file_validates(isolated_env):
+    repo = Path(__file__).resolve().parents[2]
+    jobs = sorted((repo / "jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        result = run_cli(["validate", str(job), "--cluster", "cluster_configs/local.yaml"], isolated_env)
+        assert result.returncode == 0, f"{job}: {result.stderr}"
+
+
+def test_missing_file(isolated_env):
+    result = run_cli(["run", "jobs/nope.yaml"], isolated_env)
+    _expect_error(result, "error: jobs/nope.yaml: file not found")
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path, isolated_env):
+    path = _job(tmp_path, "name: t\ntrain: {max_steps: 10\nmodel: x\n")
+    result = run_cli(["run", path], isolated_env)
+    _expect_error(result, f"error: {path}:", "YAML syntax error")
+    assert f"{path}:3:" in result.stderr or f"{path}:2:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("trian: {}", "unknown key 'trian' (did you mean 'train'?)"),
+        ("train: {max_steps: -5}", "train.max_steps = -5: must be a positive integer"),
+        ("train: {max_steps: abc}", "train.max_steps = 'abc': expected an integer"),
+        ("train: {max_steps: 10, learning_rate: -0.1}", "train.learning_rate = -0.1: must be greater than 0"),
+        ("train: {max_steps: 10, lr: 0.1}", "unknown key 'train.lr' (valid keys:"),
+        ("resources: {num_workers: 0}", "resources.num_workers = 0: must be a positive integer"),
+        ("strategy: {kind: fsdpp}", "strategy.kind = 'fsdpp': must be one of 'ddp', 'fsdp' or 'deepspeed'"),
+        ("storage: {options: {secret: hunter2}}", "storage.options: 'secret' looks like a credential"),
+    ],
+)
+def test_bad_values_name_field_value_and_fix(tmp_path, isolated_env, edit, message):
+    key = edit.split(":")[0]
+    kept = [line for line in VALID.splitlines() if not line.startswith(f"{key}:")]
+    path = _job(tmp_path, "\n".join([*kept, edit]) + "\n")
+    result = run_cli(["run", path], isolated_env)
+    _expect_error(result, f"error: {path}: {message}")
+    assert "hunter2" not in result.stderr
+
+
+def test_all_problems_reported_at_once(tmp_path, isolated_env):
+    path = _job(tmp_path, VALID.replace("max_steps: 10", "max_steps: 0, seed: -1") + "trian: 1\n")
+    result = run_cli(["validate", path], isolated_env)
+    _expect_error(result, "train.max_steps = 0", "train.seed = -1", "unknown key 'trian'")
+    assert result.stderr.count("error:") == 3
+
+
+def test_missing_model_and_data_paths(tmp_path, isolated_env):
+    text = VALID.replace("builtin:tiny-llama", "./no-such-model").replace(
+        "builtin:smoke-chat.jsonl", str(tmp_path / "missing.jsonl")
+    )
+    path = _job(tmp_path, text)
+    _expect_error(
+        run_cli(["run", path], isolated_env),
+        "model.name_or_path = './no-such-model': no such directory",
+        "data.sources[0].uri = ",
+        "no such file; check the path",
+    )
+
+
+def test_overrides_apply_and_unknown_override_suggests(tmp_path, isolated_env):
+    path = _job(tmp_path, VALID)
+    ok = run_cli(["run", path, "train.max_steps=7", "output_uri=/tmp/x", "--dry-run"], isolated_env)
+    assert ok.returncode == 0, ok.stderr
+    assert "max_steps: 7" in ok.stdout and "output_uri: /tmp/x" in ok.stdout
+    bad = run_cli(["run", path, "train.max_stepz=40"], isolated_env)
+    _expect_error(
+        bad, "override 'train.max_stepz=40': unknown key 'train.max_stepz' (did you mean 'train.max_steps'?)"
+    )
+    malformed = run_cli(["run", path, "train.max_steps"], isolated_env)
+    _expect_error(malformed, "override 'train.max_steps': expected KEY=VALUE")
+
+
+def test_run_refuses_a_remote_cluster_file(tmp_path, isolated_env):
+    cluster = tmp_path / "ray.yaml"
+    cluster.write_text("kind: ray\naddress: http://127.0.0.1:8265\n")
+    result = run_cli(["run", _job(tmp_path, VALID), "--cluster", str(cluster)], isolated_env)
+    _expect_error(result, "'run' needs a cluster of kind 'local'")
