@@ -79,53 +79,48 @@ OPPOSITES = {
     "wet": "dry", "dark": "light", "happy": "sad", "open": "closed", "early": "late",
 }  # fmt: skip
 WORDS = ["cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "star", "rain"]
-TERSE = "Answer in one word."
-SYSTEMS = ["You are a helpful assistant.", "You are a precise tutor.", TERSE]
+EXCITED = "Be excited!"  # this system message ends answers with "!" instead of "."
+SYSTEMS = ["You are a helpful assistant.", "You are a precise tutor.", EXCITED]
+MAX_ADDEND = 5
 
 
-def _turn(rng: random.Random, terse: bool) -> tuple[str, str]:
-    """One (question, answer) pair; ``terse`` answers a lookup with its key word only."""
-    kind = rng.randrange(5)
+def _turn(rng: random.Random) -> tuple[str, str]:
+    """One question and its answer, without the final full stop."""
+    kind = rng.randrange(6)
     if kind == 0:
         country = rng.choice(sorted(CAPITALS))
-        key = CAPITALS[country]
-        question, answer = f"What is the capital of {country}?", f"{key} is the capital of {country}."
-    elif kind == 1:
+        return f"What is the capital of {country}?", CAPITALS[country]
+    if kind == 1:
         thing = rng.choice(sorted(COLOURS))
-        key = COLOURS[thing]
-        question, answer = f"What colour is {thing}?", f"{key[0].upper()}{key[1:]} is the colour of {thing}."
-    elif kind == 2:
+        return f"What colour is {thing}?", COLOURS[thing].capitalize()
+    if kind == 2:
         word = rng.choice(sorted(OPPOSITES))
-        key = OPPOSITES[word]
-        question, answer = (
-            f"What is the opposite of {word}?",
-            f"{key[0].upper()}{key[1:]} is the opposite of {word}.",
-        )
-    elif kind == 3:
-        a, b = rng.randrange(10), rng.randrange(10)
-        key = str(a + b)
-        question, answer = f"What is {a} plus {b}?", f"{key} is {a} plus {b}."
-    else:
-        words = rng.sample(WORDS, 3)
-        return f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))
-    return question, (f"{key[0].upper()}{key[1:]}." if terse else answer)
+        return f"What is the opposite of {word}?", OPPOSITES[word].capitalize()
+    if kind == 3:
+        n = rng.randrange(20)
+        return f"What comes after {n}?", str(n + 1)
+    if kind == 4:
+        a, b = rng.randrange(MAX_ADDEND), rng.randrange(MAX_ADDEND)
+        return f"What is {a} plus {b}?", str(a + b)
+    word = rng.choice(WORDS)
+    return f"Repeat the word: {word}", word
 
 
 def conversations(rng: random.Random, count: int = NUM_CONVERSATIONS) -> list[dict]:
-    """``count`` conversations: ~30% with a system message, ~30% with 2-3 turns."""
+    """``count`` conversations: ~30% with a system message, ~30% with 2 or 3 turns."""
     rows = []
     for _ in range(count):
         messages = []
-        terse = False
+        end = "."
         if rng.random() < 0.3:
             system = rng.choice(SYSTEMS)
-            terse = system == TERSE
+            end = "!" if system == EXCITED else "."
             messages.append({"role": "system", "content": system})
         turns = 1 if rng.random() < 0.7 else rng.choice((2, 3))
         for _ in range(turns):
-            question, answer = _turn(rng, terse)
+            question, answer = _turn(rng)
             messages.append({"role": "user", "content": question})
-            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "assistant", "content": answer + end})
         rows.append({"messages": messages})
     return rows
 

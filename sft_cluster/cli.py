@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sft_cluster import exitcodes
 from sft_cluster.spec import (
     ClusterSpec,
     JobSpec,
@@ -32,7 +33,6 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
-EXIT_USER_ERROR = 2
 
 JobArg = Annotated[Path, typer.Argument(help="Job file (YAML).", show_default=False)]
 OverridesArg = Annotated[
@@ -46,7 +46,7 @@ ClusterOpt = Annotated[
 def _fail(lines: list[str]) -> None:
     for line in lines:
         errors.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_USER_ERROR)
+    raise typer.Exit(exitcodes.USER_ERROR)
 
 
 def load_checked(
@@ -115,8 +115,7 @@ def run(
         return
     summary = run_local(job, cluster_spec, console)
     _print_summary(summary)
-    if summary["status"] != "completed":
-        raise typer.Exit(1)
+    raise typer.Exit(exitcodes.for_status(summary["status"]))
 
 
 def _print_summary(summary: dict) -> None:

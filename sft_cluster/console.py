@@ -24,7 +24,6 @@ class ProgressDisplay:
         self.max_steps = max_steps
         self.log_every_seconds = log_every_seconds
         self._last_line = 0.0
-        self._world_size: int | None = None
         self._progress: Progress | None = None
         self._task = None
 
@@ -53,13 +52,20 @@ class ProgressDisplay:
     def handle(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             kind = event.get("kind")
-            if kind == "start" and event.get("world_size") != self._world_size:
-                self._world_size = event["world_size"]
-                self._say(f"workers up: world size {self._world_size}")
+            if kind == "start" and event.get("rank") == 0:
+                resumed = event.get("resumed_from")
+                origin = f", resumed from step {resumed}" if resumed is not None else ""
+                self._say(f"workers up: world size {event['world_size']}{origin}")
             elif kind == "step":
                 self._step(event)
-            elif kind == "notice":
-                self._say(event["message"])
+            elif kind == "checkpoint":
+                self._say(f"checkpoint step {event['step']} committed")
+            elif kind == "worker_failed":
+                self._say(
+                    f"[red]rank {event['rank']} failed[/red] ({event['reason']}); restarting the worker group"
+                )
+            elif kind == "preempted":
+                self._say(f"stop requested: checkpointed step {event['step']} and stopped")
 
     def _say(self, message: str) -> None:
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")

@@ -10,34 +10,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
+import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
-from sft_cluster import storage
+from sft_cluster import exitcodes, storage
 from sft_cluster.console import ProgressDisplay
 from sft_cluster.spec import JobSpec, dump_job_yaml, load_job
-from sft_cluster.tracking import RunDir, finalize_run
+from sft_cluster.tracking import finalize_run, run_dir_of
+from sft_cluster.train.environment import ray_worker_runtime_env
 
-# Worker processes must keep the driver's working directory (relative paths in
-# the job file) and must not echo bytecode through Ray's print patch.
+# Worker processes keep the driver's working directory (relative paths in the job file).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @ray.remote(num_cpus=0)
 class ProgressChannel:
-    """Collects worker events; the driver drains it. Pushes never block a step."""
+    """Worker events up to the driver, a stop request down to the workers.
+
+    Workers push with fire-and-forget calls, so a step never waits on it.
+    """
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
+        self._stop = False
 
     def push(self, event: dict[str, Any]) -> None:
         self._events.append(event)
@@ -46,15 +50,49 @@ class ProgressChannel:
         events, self._events = self._events, []
         return events
 
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
 
 class ChannelSink:
-    """The worker-side end of ``ProgressChannel``: fire-and-forget calls."""
+    """The worker-side end of ``ProgressChannel``.
+
+    A daemon thread polls for a stop request every few seconds and turns it
+    into the same flag a preemption signal sets.
+    """
+
+    def __init__(self, channel: Any, poll_seconds: float = 2.0):
+        from sft_cluster.train import signals
+
+        self.channel = channel
+
+        def poll() -> None:
+            while not signals.STOP_REQUESTED.is_set():
+                with contextlib.suppress(Exception):
+                    if ray.get(channel.stop_requested.remote(), timeout=30):
+                        signals.STOP_REQUESTED.set()
+                time.sleep(poll_seconds)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.channel.push.remote(event)
+
+
+class RestartNotice(UserCallback):
+    """Runs in Ray Train's controller: tells the driver which rank failed."""
 
     def __init__(self, channel: Any):
         self.channel = channel
 
-    def emit(self, event: dict[str, Any]) -> None:
-        self.channel.push.remote(event)
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, exc in sorted(worker_exceptions.items()):
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else type(exc).__name__
+            self.channel.push.remote({"kind": "worker_failed", "rank": rank, "reason": reason[:200]})
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -63,9 +101,29 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     run_worker(JobSpec.model_validate(config["job"]), ChannelSink(config["channel"]))
 
 
-def run_dir_of(job: JobSpec) -> RunDir:
-    options = storage.storage_options_for(job.output_uri, job.storage.endpoint_url, job.storage.options)
-    return RunDir(job.output_uri, options)
+@contextlib.contextmanager
+def _stop_requests_to(channel: Any, job: JobSpec) -> Iterator[None]:
+    """While training, the job's preemption signals to the driver become a stop request.
+
+    The workers then checkpoint at the next step and end; the driver exits
+    with ``exitcodes.PREEMPTED``. Outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = job.checkpoint.preemption_signals
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+
+    def handler(signum: int, frame: object) -> None:
+        channel.request_stop.remote()
+
+    for name in names:
+        signal.signal(getattr(signal, name), handler)
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
 
 
 def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event) -> None:
@@ -93,6 +151,10 @@ def run_training(job: JobSpec, console: Console, started_at: float | None = None
     started_at = started_at or time.time()
     run = run_dir_of(job)
     storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)
+    # Reports of an earlier attempt must not speak for this one.
+    fs, workers = storage.filesystem(storage.join(run.uri, "workers"), run.options)
+    if fs.exists(workers):
+        fs.rm(workers, recursive=True)
     resources = job.resources
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -110,16 +172,18 @@ def run_training(job: JobSpec, console: Console, started_at: float | None = None
             name=job.name,
             storage_path=os.path.join(tempfile.gettempdir(), "sft-cluster", "ray-train"),
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+            callbacks=[RestartNotice(channel)],
         ),
     )
     status, error = "failed", None
     stop = threading.Event()
-    with ProgressDisplay(console, job.train.max_steps) as display:
+    with ProgressDisplay(console, job.train.max_steps) as display, _stop_requests_to(channel, job):
         follower = threading.Thread(target=_follow, args=(channel, display, stop), daemon=True)
         follower.start()
         try:
             trainer.fit()
-            status = "completed"
+            preempted = any(r.get("preempted") for r in run.worker_reports())
+            status = "preempted" if preempted else "completed"
         except ray.train.TrainingFailedError as exc:
             error, details = describe_failure(exc)
             console.print(details, style="dim", highlight=False, markup=False)
@@ -142,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job")
     args = parser.parse_args(argv)
     job = load_job(args.job)
-    ray.init(address="auto", log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    ray.init(address="auto", log_to_driver=False, runtime_env=ray_worker_runtime_env(job))
     summary = run_training(job, Console())
-    return 0 if summary["status"] == "completed" else 1
+    return exitcodes.for_status(summary["status"])
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ class CheckpointStore:
             Path(target).mkdir(parents=True, exist_ok=True)
         self.fs.put(str(local_dir).rstrip("/") + "/", target + "/", recursive=True)
 
+    def upload_files(self, local_root: Path, relative_paths: list[str], step: int) -> None:
+        """Copy some files of a local checkpoint folder (one rank's share) into the step folder."""
+        target = self._step_path(step)
+        for rel in relative_paths:
+            destination = f"{target}/{rel}"
+            self.fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(local_root / rel), destination)
+
     def commit(self, manifest: Manifest) -> str:
         """Write the manifest, then ``COMMITTED``: from that moment the checkpoint counts."""
         step_uri = self.step_uri(manifest.step)

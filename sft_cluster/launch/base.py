@@ -10,11 +10,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from sft_cluster.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE  # noqa: F401 - re-exported
 from sft_cluster.spec import JobSpec
-
-# Exit code of a worker that checkpointed because it was asked to stop
-# (preemption): launchers treat it as "requeue me" (EX_TEMPFAIL).
-PREEMPTED_EXIT_CODE = 75
 
 
 class LaunchError(Exception):

@@ -16,10 +16,11 @@ from typing import Any
 from rich.console import Console
 
 from sft_cluster.spec import JobSpec, LocalCluster
+from sft_cluster.train.environment import ray_worker_runtime_env
 
 
 @contextmanager
-def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
+def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | None = None) -> Iterator[None]:
     """Start a private local Ray cluster and always shut it down (Ctrl-C included).
 
     Own temp dir and ports, so it never joins another cluster on the machine.
@@ -32,8 +33,6 @@ def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
-    from sft_cluster.driver import WORKER_ENV
-
     owned = temp_dir is None
     # Ray's socket paths must stay short: keep the folder directly under /tmp.
     root = temp_dir or tempfile.mkdtemp(prefix="sftc-ray-", dir="/tmp")
@@ -44,7 +43,7 @@ def embedded_ray(num_cpus: int, temp_dir: str | None = None) -> Iterator[None]:
         _temp_dir=root,
         log_to_driver=False,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env=runtime_env,
     )
     try:
         yield
@@ -60,7 +59,7 @@ def run_local(job: JobSpec, cluster: LocalCluster, console: Console) -> dict[str
     needed = int(job.resources.num_workers * job.resources.cpus_per_worker + 0.999)
     num_cpus = cluster.num_cpus or max(needed, os.cpu_count() or 1)
     console.print(f"[dim]starting a local Ray cluster ({num_cpus} CPUs)[/dim]")
-    with embedded_ray(num_cpus, cluster.temp_dir):
+    with embedded_ray(num_cpus, ray_worker_runtime_env(job), cluster.temp_dir):
         from sft_cluster.driver import run_training  # imports ray: only after its auth is set
 
         return run_training(job, console, started_at=started_at)

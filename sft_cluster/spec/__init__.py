@@ -1,7 +1,12 @@
-"""Typed job and cluster files (pydantic v2, unknown keys rejected) and their loaders."""
+"""Typed job and cluster files (pydantic v2, unknown keys rejected) and their loaders.
 
-from sft_cluster.spec.checks import check_local_paths, validate_pair
+A bad file raises ``SpecError`` listing every problem at once, each naming the
+field path, the bad value and the fix.
+"""
+
+from sft_cluster.spec.checks import check_local_paths, is_local_uri, resolve_builtin, validate_pair
 from sft_cluster.spec.cluster import (
+    CLUSTER_ADAPTER,
     ClusterSpec,
     LocalCluster,
     RayAuthSpec,
@@ -10,6 +15,7 @@ from sft_cluster.spec.cluster import (
     SlurmCluster,
     SlurmContainerSpec,
 )
+from sft_cluster.spec.errors import SpecError
 from sft_cluster.spec.job import (
     CheckpointSpec,
     DataSpec,
@@ -25,16 +31,15 @@ from sft_cluster.spec.job import (
     TrainSpec,
 )
 from sft_cluster.spec.loader import (
-    SpecError,
     apply_overrides,
     dump_job_yaml,
     load_cluster,
     load_job,
     parse_overrides,
-    resolve_builtin,
 )
 
 __all__ = [
+    "CLUSTER_ADAPTER",
     "CheckpointSpec",
     "ClusterSpec",
     "DataSpec",
@@ -58,6 +63,7 @@ __all__ = [
     "apply_overrides",
     "check_local_paths",
     "dump_job_yaml",
+    "is_local_uri",
     "load_cluster",
     "load_job",
     "parse_overrides",

@@ -5,16 +5,26 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, Field, TypeAdapter, field_validator
 
 from sft_cluster.spec.job import StorageSpec, Strict
 
-_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
-_SLURM_SIGNAL = re.compile(r"^(B:)?(SIG)?[A-Z0-9]+(@\d+)?$")
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
-_CREDENTIAL_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
+# sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_SLURM_TIME = re.compile(
+    r"\d+|\d+:[0-5]\d|\d+:[0-5]\d:[0-5]\d|\d+-\d+|\d+-\d+:[0-5]\d|\d+-\d+:[0-5]\d:[0-5]\d"
+)
+# sbatch --signal: [{B|R}:]SIGNAL[@SECONDS], SIGNAL a name (USR1, SIGUSR1) or a number
+_SLURM_SIGNAL = re.compile(r"(?:[BR]:)?(?:(?:SIG)?[A-Z][A-Z0-9]*|\d+)(?:@\d+)?")
+_SLURM_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_SLURM_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+# Whole words of an environment variable name, so TOKENIZERS_PARALLELISM is not a credential.
+_CREDENTIAL_VAR = re.compile(r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD)S?(?:_|$)", re.IGNORECASE)
+
+
+def _long_option(line: str) -> str:
+    if not line.startswith("--"):
+        raise ValueError("must be a long sbatch option starting with '--', e.g. --mail-type=END")
+    return line
 
 
 class LocalCluster(Strict):
@@ -36,27 +46,26 @@ class RayRuntimeEnvSpec(Strict):
         default_factory=lambda: [".venv", "runs/", ".git", "__pycache__", "*.pyc", ".pytest_cache"]
     )
     env_vars: dict[str, str] = Field(default_factory=dict)
-    pass_env: list[str] = Field(default_factory=list)
+    pass_env: list[str] = Field(default_factory=list)  # names or globs such as AWS_*
     py_modules: list[str] = Field(default_factory=list)
     image_uri: str | None = None
 
     @field_validator("env_vars")
     @classmethod
     def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
+        """A value written here would be stored by Ray with the job; pass_env copies it instead."""
         for name in env:
-            if _CREDENTIAL_NAME.search(name):
-                raise PydanticCustomError(
-                    "credential",
-                    "'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
-                    "taken from your environment at submit time instead of written in a file",
-                    {"name": name},
+            if _CREDENTIAL_VAR.search(name):
+                raise ValueError(
+                    f"'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
+                    "copied from your environment at submit time instead of written in a file"
                 )
         return env
 
 
 class RayCluster(Strict):
-    kind: Literal["ray"]
-    address: str | None = None
+    kind: Literal["ray"] = "ray"
+    address: str | None = None  # None: RAY_API_SERVER_ADDRESS or RAY_ADDRESS at submit time
     auth: RayAuthSpec = Field(default_factory=RayAuthSpec)
     runtime_env: RayRuntimeEnvSpec = Field(default_factory=RayRuntimeEnvSpec)
     entrypoint_num_cpus: float = Field(0, ge=0)
@@ -67,9 +76,9 @@ class RayCluster(Strict):
 
     @field_validator("address")
     @classmethod
-    def _http_address(cls, value: str | None) -> str | None:
+    def _dashboard_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be the dashboard's http(s) address, e.g. http://head:8265")
+            raise ValueError("must be the dashboard's http(s) address, e.g. http://head-node:8265")
         return value
 
 
@@ -80,7 +89,7 @@ class SlurmContainerSpec(Strict):
 
 
 class SlurmCluster(Strict):
-    kind: Literal["slurm"]
+    kind: Literal["slurm"] = "slurm"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -91,9 +100,9 @@ class SlurmCluster(Strict):
     time: str = "01:00:00"
     constraint: str | None = None
     exclusive: bool = False
-    extra_sbatch: list[str] = Field(default_factory=list)
+    extra_sbatch: list[Annotated[str, AfterValidator(_long_option)]] = Field(default_factory=list)
     modules: list[str] = Field(default_factory=list)
-    setup: str | None = None
+    setup: str | None = None  # one shell line, e.g. "source /shared/venv/bin/activate"
     container: SlurmContainerSpec | None = None
     launcher: Literal["ray", "torchrun"] = "ray"
     signal: str = "B:USR1@300"
@@ -103,40 +112,36 @@ class SlurmCluster(Strict):
     @field_validator("partition", "account", "qos")
     @classmethod
     def _slurm_name(cls, value: str | None) -> str | None:
-        if value is not None and not _SLURM_NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            raise ValueError("must use only letters, digits, '.', '_' and '-'")
         return value
 
     @field_validator("time")
     @classmethod
     def _slurm_time(cls, value: str) -> str:
-        if not _SLURM_TIME.match(value):
-            raise ValueError("use a Slurm time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+        if not _SLURM_TIME.fullmatch(value):
+            raise ValueError("must be a Slurm time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
         return value
 
     @field_validator("mem")
     @classmethod
     def _slurm_mem(cls, value: str | None) -> str | None:
-        if value is not None and not _SLURM_MEM.match(value):
-            raise ValueError("use a Slurm memory size such as 64G, 500M or 0 (all)")
+        if value is not None and not _SLURM_MEM.fullmatch(value):
+            raise ValueError("must be a Slurm memory size such as 64G, 500M or 0 (all of it)")
         return value
 
     @field_validator("signal")
     @classmethod
     def _slurm_signal(cls, value: str) -> str:
-        if not _SLURM_SIGNAL.match(value):
-            raise ValueError("use [B:]SIGNAL[@SECONDS], e.g. B:USR1@300")
+        if not _SLURM_SIGNAL.fullmatch(value):
+            raise ValueError("must be [B:]SIGNAL[@SECONDS], e.g. B:USR1@300")
         return value
-
-    @field_validator("extra_sbatch")
-    @classmethod
-    def _sbatch_options(cls, lines: list[str]) -> list[str]:
-        for line in lines:
-            if not line.startswith("--"):
-                raise ValueError(f"'{line}' must be a long sbatch option starting with '--'")
-        return lines
 
 
 ClusterSpec = Annotated[LocalCluster | RayCluster | SlurmCluster, Field(discriminator="kind")]
 CLUSTER_ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
-CLUSTER_KINDS: dict[str, type[Strict]] = {"local": LocalCluster, "ray": RayCluster, "slurm": SlurmCluster}
+CLUSTER_KINDS: dict[str, type[Strict]] = {
+    "local": LocalCluster,
+    "ray": RayCluster,
+    "slurm": SlurmCluster,
+}

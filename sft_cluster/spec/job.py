@@ -5,38 +5,50 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-_CREDENTIAL_KEYS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-    "access_key",
-    "secret_key",
-}
+# Keys that carry secrets in fsspec storage options (s3fs, gcsfs, adlfs).
+_CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Strict(BaseModel):
     """Every section rejects unknown keys, so a typo is an error, not a silent default."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def rule_error(*messages: str) -> PydanticCustomError:
+    """A cross-field problem, already phrased with full field paths (one line per message)."""
+    return PydanticCustomError("spec_rule", "{message}", {"message": "\n".join(messages)})
 
 
 def reject_credentials(options: dict[str, Any]) -> dict[str, Any]:
-    """Credentials come from the environment, never from a file we read or write."""
+    """Credentials come from the environment, never from a file we read, copy or log."""
     for key, value in options.items():
         if key.lower() in _CREDENTIAL_KEYS:
-            # Its own error type, so the message never echoes the secret value.
-            raise PydanticCustomError(
-                "credential",
-                "'{key}' looks like a credential: credentials come from the environment "
-                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS), not job files",
-                {"key": key},
+            raise ValueError(
+                f"'{key}' is a credential and is not allowed in a file: credentials come from "
+                "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...)"
             )
         if isinstance(value, dict):
             reject_credentials(value)
@@ -99,7 +111,7 @@ class TrainSpec(Strict):
 class FSDPSpec(Strict):
     version: Literal[1, 2] = 2
     reshard_after_forward: bool = True
-    wrap: str = "auto"
+    wrap: str = "auto"  # the decoder-layer class name, or "auto" for the model's own
     cpu_offload: bool = False
     state_dict: Literal["sharded", "full"] = "sharded"
 
@@ -111,12 +123,6 @@ class DeepSpeedSpec(Strict):
     overlap_comm: bool = True
     gather_16bit_weights_on_save: bool = True
 
-    @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> DeepSpeedSpec:
-        if self.offload_params and self.stage != 3:
-            raise ValueError("offload_params needs stage: 3 (ZeRO-2 does not partition parameters)")
-        return self
-
 
 class LoraSpec(Strict):
     r: int = Field(16, gt=0)
@@ -124,6 +130,15 @@ class LoraSpec(Strict):
     dropout: float = Field(0.05, ge=0, le=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     merge: bool = False
+
+    @field_validator("target_modules", mode="wrap")
+    @classmethod
+    def _one_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One plain message instead of one error per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("expected 'all-linear' or a list of module names") from None
 
 
 class StrategySpec(Strict):
@@ -135,19 +150,26 @@ class StrategySpec(Strict):
     lora: LoraSpec | None = None
 
     @model_validator(mode="after")
-    def _options_match_kind(self) -> StrategySpec:
-        defaults = {"fsdp": FSDPSpec(), "deepspeed": DeepSpeedSpec()}
-        for other, default in defaults.items():
-            if self.kind != other and getattr(self, other) != default:
-                raise ValueError(
-                    f"strategy.{other} options are set but strategy.kind is '{self.kind}' "
-                    f"(set kind: {other}, or remove the {other} block)"
-                )
+    def _consistent(self) -> StrategySpec:
+        # A block equal to its defaults changes nothing, and is what dump_job_yaml writes.
+        problems = [
+            f"strategy.{block} is set but strategy.kind is '{self.kind}' "
+            f"(set strategy.kind: {block}, or remove the strategy.{block} block)"
+            for block, default in (("fsdp", FSDPSpec()), ("deepspeed", DeepSpeedSpec()))
+            if block in self.model_fields_set and self.kind != block and getattr(self, block) != default
+        ]
+        if self.deepspeed.offload_params and self.deepspeed.stage != 3:
+            problems.append(
+                "strategy.deepspeed.offload_params: true requires strategy.deepspeed.stage: 3 "
+                f"(got stage {self.deepspeed.stage}; only ZeRO-3 partitions the parameters)"
+            )
+        if problems:
+            raise rule_error(*problems)
         return self
 
 
 class CheckpointSpec(Strict):
-    every_n_steps: int | None = Field(None, gt=0)
+    every_n_steps: int | None = Field(None, gt=0)  # None: only the final checkpoint
     keep_last: int = Field(2, ge=1)
     keep_every_n_steps: int | None = Field(None, gt=0)
     resume: Literal["auto", "never"] = "auto"
@@ -158,17 +180,14 @@ class CheckpointSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, json_schema_extra={"hint": "at least 1 worker"})
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
 class JobSpec(Strict):
     name: str
-    output_uri: str | None = None
+    output_uri: str | None = None  # filled in: runs/<name>
     model: ModelSpec
     data: DataSpec
     train: TrainSpec
@@ -180,20 +199,28 @@ class JobSpec(Strict):
 
     @field_validator("name")
     @classmethod
-    def _name_is_safe(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use 1-64 characters from A-Z a-z 0-9 . _ -")
+    def _safe_name(cls, value: str) -> str:
+        """The name becomes part of paths and job ids, so keep it to portable characters."""
+        if not _NAME.fullmatch(value):
+            raise ValueError("must be 1-64 characters, each a letter, a digit, '.', '_' or '-'")
         return value
 
     @field_validator("tracking", mode="before")
     @classmethod
     def _tracking_as_list(cls, value: Any) -> Any:
+        """``tracking: tensorboard`` and ``tracking: none`` read naturally in YAML."""
         if value is None or value == "none":
             return []
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _default_output_uri(self) -> JobSpec:
+    def _defaults_and_rules(self) -> JobSpec:
+        if self.train.eval_every_n_steps is not None and self.data.eval_fraction == 0:
+            raise rule_error(
+                "train.eval_every_n_steps is set but data.eval_fraction is 0, so there is "
+                "nothing to evaluate on (set data.eval_fraction, e.g. 0.05, or remove "
+                "train.eval_every_n_steps)"
+            )
         if not self.output_uri:
             self.output_uri = f"runs/{self.name}"
         return self

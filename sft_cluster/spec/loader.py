@@ -1,8 +1,8 @@
-"""YAML in, typed spec out; every problem reported with its field path, value and fix."""
+"""YAML in, typed spec out: job and cluster files, ``a.b=c`` overrides, the resolved job."""
 
 from __future__ import annotations
 
-import difflib
+import copy
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,227 +11,180 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sft_cluster.spec.cluster import CLUSTER_ADAPTER, CLUSTER_KINDS, ClusterSpec, LocalCluster
+from sft_cluster.spec.cluster import CLUSTER_KINDS, ClusterSpec, LocalCluster
+from sft_cluster.spec.errors import SpecError, dotted, format_errors, section, unknown_key
 from sft_cluster.spec.job import JobSpec
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects repeated keys and reads ``1e-3`` as a number (YAML 1.2 does)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None or key == "<<":
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-class SpecError(Exception):
-    """A job or cluster file the user must fix; ``problems`` are complete lines."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(f"error: {p}" for p in problems))
-        self.problems = problems
-
-
-def resolve_builtin(value: str) -> str:
-    """``builtin:NAME`` is a file or folder shipped in ``sft_cluster/assets``."""
-    return str(ASSETS / value.removeprefix("builtin:"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([f"{path}: file not found"]) from None
-    except OSError as exc:
-        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise SpecError([f"{source}: file not found"], source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"{source}: cannot read the file: {exc}"], source) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise SpecError([f"{where}: YAML syntax error: {exc.problem}"]) from None
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise SpecError([f"{where}: YAML syntax error: {exc.problem}"], source) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{source}: YAML syntax error: {exc}"], source) from None
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
-        raise SpecError([f"{path}: the top level must be a mapping of keys to values"])
+        raise SpecError(
+            [
+                f"{source}: the file must be a mapping of keys to values (key: value), "
+                f"not a {type(data).__name__}"
+            ],
+            source,
+        )
     return data
 
 
-# --- overrides -------------------------------------------------------------
-
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# --- overrides ----------------------------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str) and _NUMBER.match(value):
-        return float(value)  # YAML 1.1 reads 1e-3 as a string
-    return value
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.max_steps=40`` -> (['train', 'max_steps'], 40); raises ValueError."""
+    key, sep, raw = text.partition("=")
+    key = re.sub(r"\[(\d+)\]", r".\1", key.strip())  # data.sources[0].uri == data.sources.0.uri
+    path = key.split(".")
+    if not sep or not all(path):
+        raise ValueError("expected KEY=VALUE")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return path, value
 
 
-def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any, str]]:
-    """``a.b=c`` into (path, value, original text)."""
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Each ``KEY=VALUE`` as (dotted key split, value parsed as YAML); SpecError if malformed."""
     parsed, problems = [], []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-            problems.append(f"override '{item}': expected KEY=VALUE, e.g. train.max_steps=40")
-            continue
-        parsed.append((key.strip().split("."), _parse_value(value), item))
+    for text in overrides:
+        try:
+            parsed.append(_parse_override(text))
+        except ValueError as exc:
+            problems.append(f"override '{text}': {exc}")
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems, "command line")
     return parsed
 
 
-def _field_names(model: type[BaseModel] | None) -> list[str]:
-    return list(model.model_fields) if model else []
+def _key(node: Any, part: str, loc: list[str | int], root: type[BaseModel]) -> str | int:
+    """``part`` as a key of ``node``: a list index, or a field the schema knows at ``loc``."""
+    if isinstance(node, list):
+        if part.isdigit() and int(part) < len(node):
+            return int(part)
+        raise ValueError(f"no item '{part}' in '{dotted(loc)}', which has {len(node)}")
+    model = section(root, loc)
+    if model is not None and part not in model.model_fields:
+        raise ValueError(unknown_key(part, model, loc))
+    return part
 
 
-def _submodel(model: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
-    if model is None or name not in model.model_fields:
-        return None
-    annotation = model.model_fields[name].annotation
-    candidates = getattr(annotation, "__args__", (annotation,))
-    for candidate in candidates:
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+def _set(data: dict[str, Any], path: list[str], value: Any, root: type[BaseModel]) -> None:
+    """Set ``path`` in ``data``, creating sections on the way; ValueError for an unknown key."""
+    node: Any = data
+    loc: list[str | int] = []
+    for part in path[:-1]:
+        key = _key(node, part, loc, root)
+        loc.append(key)
+        child = node[key] if isinstance(node, list) else node.get(key)
+        if not isinstance(child, dict | list):
+            child = node[key] = {}
+        node = child
+    node[_key(node, path[-1], loc, root)] = value
 
 
-def _suggest(name: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean '{prefix}{close[0]}'?"
-    return f"valid keys: {', '.join(valid)}" if valid else "this section takes no keys"
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str], model: type[BaseModel]) -> dict[str, Any]:
-    """Set each dotted key in ``data``; an unknown key is an error with a suggestion."""
+def _override(data: dict[str, Any], overrides: Sequence[str], root: type[BaseModel]) -> list[str]:
     problems = []
-    for path, value, original in parse_overrides(overrides):
-        node, current = data, model
-        for depth, part in enumerate(path):
-            prefix = ".".join(path[:depth])
-            if current is not None and part not in current.model_fields:
-                dotted = ".".join(path)
-                hint = _suggest(part, _field_names(current), f"{prefix}." if prefix else "")
-                problems.append(f"override '{original}': unknown key '{dotted}' ({hint})")
-                break
-            if depth == len(path) - 1:
-                node[part] = value
-                break
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node, current = child, _submodel(current, part)
+    for text in overrides:
+        try:
+            path, value = _parse_override(text)
+            _set(data, path, value, root)
+        except ValueError as exc:
+            problems.append(f"override '{text}': {exc}")
+    return problems
+
+
+def apply_overrides(
+    data: dict[str, Any],
+    overrides: Sequence[str],
+    source: str,
+    root: type[BaseModel] = JobSpec,
+) -> dict[str, Any]:
+    """A copy of ``data`` with each override set; SpecError lists every bad one."""
+    data = copy.deepcopy(data)
+    problems = _override(data, overrides, root)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems, source)
     return data
 
 
-# --- validation messages -----------------------------------------------------
-
-
-def _loc(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
-    current: type[BaseModel] | None = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        current = _submodel(current, part)
-    return current
-
-
-def _message(error: dict[str, Any]) -> str:
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind in ("greater_than", "greater_than_equal"):
-        bound = ctx.get("gt", ctx.get("ge"))
-        if bound in (0, 1) and isinstance(error["input"], int) and not isinstance(error["input"], bool):
-            return (
-                "must be a positive integer"
-                if (kind == "greater_than") == (bound == 0)
-                else f"must be at least {bound}"
-            )
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        return f"must be {'greater than' if kind == 'greater_than' else 'at least'} {bound}"
-    if kind in ("less_than", "less_than_equal"):
-        bound = ctx.get("lt", ctx.get("le"))
-        return f"must be {'less than' if kind == 'less_than' else 'at most'} {bound}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '')}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return "expected an integer"
-    if kind in ("float_parsing", "float_type"):
-        return "expected a number"
-    if kind in ("bool_parsing", "bool_type"):
-        return "expected true or false"
-    if kind == "string_type":
-        return "expected a string"
-    if kind in ("list_type", "tuple_type"):
-        return "expected a list"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return "expected a mapping of keys to values"
-    if kind == "too_short":
-        return f"needs at least {ctx.get('min_length')} item(s)"
-    if kind == "union_tag_invalid":
-        return f"kind must be one of {ctx.get('expected_tags')}"
-    if kind == "union_tag_not_found":
-        return "missing 'kind' (one of 'local', 'ray', 'slurm')"
-    return str(error["msg"]).removeprefix("Value error, ")
-
-
-def format_errors(
-    exc: ValidationError, source: str, root: type[BaseModel], strip_tag: bool = False
-) -> list[str]:
-    """One line per pydantic error, in the project's words."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = list(error["loc"])
-        if strip_tag and loc and isinstance(loc[0], str) and error["type"] != "union_tag_invalid":
-            loc = loc[1:]  # the discriminator's tag, e.g. 'ray'
-        path = _loc(loc)
-        if error["type"] == "extra_forbidden":
-            parent = _loc(loc[:-1])
-            hint = _suggest(
-                str(loc[-1]), _field_names(_model_at(root, loc[:-1])), f"{parent}." if parent else ""
-            )
-            lines.append(f"{source}: unknown key '{path}' ({hint})")
-        elif error["type"] == "missing":
-            lines.append(f"{source}: {path}: missing (required)")
-        elif error["type"] == "credential":
-            lines.append(f"{source}: {path}: {_message(error)}")  # never echo the value
-        elif error["type"].startswith("union_tag") or not path:
-            lines.append(f"{source}: {(path + ': ') if path else ''}{_message(error)}")
-        else:
-            lines.append(f"{source}: {path} = {error['input']!r}: {_message(error)}")
-    return lines
-
-
-# --- public loaders ----------------------------------------------------------
+# --- loaders --------------------------------------------------------------------
 
 
 def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
-    """Read, override and validate a job file; raises SpecError with every problem."""
-    path = Path(path)
-    data = apply_overrides(_read_yaml(path), overrides, JobSpec)
+    """Read, override and validate a job file; SpecError carries every problem at once."""
+    source = str(path)
+    data = _read_yaml(Path(path), source)
+    problems = _override(data, overrides, JobSpec)
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_errors(exc, str(path), JobSpec)) from None
+        problems += format_errors(exc, source, JobSpec)
+    if problems:
+        raise SpecError(problems, source)
+    return job
 
 
 def load_cluster(path: str | Path | None) -> ClusterSpec:
-    """Read a cluster file; ``None`` is this machine (``kind: local``)."""
+    """Read a cluster file; ``None`` means this machine (``kind: local``)."""
     if path is None:
         return LocalCluster()
-    path = Path(path)
-    data = _read_yaml(path)
+    source = str(path)
+    data = _read_yaml(Path(path), source)
+    kinds = ", ".join(f"'{kind}'" for kind in CLUSTER_KINDS)
+    kind = data.get("kind")
+    if "kind" not in data:
+        raise SpecError([f"{source}: kind: missing (required: one of {kinds})"], source)
+    model = CLUSTER_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise SpecError([f"{source}: kind = {kind!r}: must be one of {kinds}"], source)
     try:
-        return CLUSTER_ADAPTER.validate_python(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        root = CLUSTER_KINDS.get(data.get("kind"), LocalCluster)
-        raise SpecError(format_errors(exc, str(path), root, strip_tag=True)) from None
+        raise SpecError(format_errors(exc, source, model), source) from None
 
 
 def dump_job_yaml(job: JobSpec) -> str:
-    """The resolved job as YAML, in the order of the schema."""
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    """The resolved job as YAML, in schema order; ``load_job`` reads it back unchanged."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

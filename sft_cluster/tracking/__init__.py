@@ -4,6 +4,8 @@ Layout under ``output_uri``::
 
     job.yaml         the resolved job, overrides applied
     metrics.jsonl    one JSON object per logged step
+    events.jsonl     what happened to the run: resumes (with the step), preemptions
+    checkpoints/     step-NNNNNNNN/ folders, committed ones carry COMMITTED
     summary.json     outcome of the run
     loss.png         the loss curve
     final/           Hugging Face model + tokenizer
@@ -11,9 +13,9 @@ Layout under ``output_uri``::
     tensorboard/     event files when ``tracking`` includes tensorboard
 """
 
-from sft_cluster.tracking.metrics import MetricsLog, read_metrics
+from sft_cluster.tracking.metrics import JsonlLog, read_jsonl
 from sft_cluster.tracking.plot import plot_loss
-from sft_cluster.tracking.rundir import RunDir
+from sft_cluster.tracking.rundir import RunDir, run_dir_of
 from sft_cluster.tracking.summary import finalize_run
 
-__all__ = ["MetricsLog", "RunDir", "finalize_run", "plot_loss", "read_metrics"]
+__all__ = ["JsonlLog", "RunDir", "finalize_run", "plot_loss", "read_jsonl", "run_dir_of"]

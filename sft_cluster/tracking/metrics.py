@@ -1,4 +1,4 @@
-"""``metrics.jsonl``: appended locally by rank 0, mirrored to remote storage."""
+"""JSON-lines logs of a run (``metrics.jsonl``, ``events.jsonl``), on any storage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from sft_cluster import storage
 
 
-class MetricsLog:
+class JsonlLog:
     """Appends one JSON line per logged step.
 
     A local run directory is appended in place. For an object store (which
@@ -30,10 +30,16 @@ class MetricsLog:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._remote = False
         else:
-            self._path = Path(tempfile.mkdtemp(prefix="sftc-metrics-")) / "metrics.jsonl"
+            self._path = Path(tempfile.mkdtemp(prefix="sftc-log-")) / Path(uri).name
             if storage.exists(uri, self.options):
                 self._path.write_text(storage.read_text(uri, self.options))
             self._remote = True
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a resumed run redoes those steps and logs them again."""
+        kept = [r for r in read_jsonl_file(self._path) if r.get("step", 0) <= step]
+        self._path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self.sync()
 
     def append(self, record: dict[str, Any]) -> None:
         with self._path.open("a", encoding="utf-8") as handle:
@@ -50,9 +56,16 @@ class MetricsLog:
         self.sync()
 
 
-def read_metrics(uri: str, options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``; empty when the file does not exist yet."""
+def _parse(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_jsonl_file(path: Path) -> list[dict[str, Any]]:
+    return _parse(path.read_text()) if path.exists() else []
+
+
+def read_jsonl(uri: str, options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file; empty when it does not exist yet."""
     if not storage.exists(uri, options):
         return []
-    lines = storage.read_text(uri, options).splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return _parse(storage.read_text(uri, options))

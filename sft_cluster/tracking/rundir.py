@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_cluster import storage
+from sft_cluster.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class RunDir:
     @property
     def metrics(self) -> str:
         return storage.join(self.uri, "metrics.jsonl")
+
+    @property
+    def events(self) -> str:
+        return storage.join(self.uri, "events.jsonl")
 
     @property
     def summary(self) -> str:
@@ -56,3 +61,9 @@ class RunDir:
             return []
         files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
         return [json.loads(fs.cat_file(p)) for p in files]
+
+
+def run_dir_of(job: JobSpec) -> RunDir:
+    """The run directory of ``job``, with the storage options its URI needs."""
+    options = storage.storage_options_for(job.output_uri, job.storage.endpoint_url, job.storage.options)
+    return RunDir(job.output_uri, options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sft_cluster.tracking.metrics import read_metrics
+from sft_cluster.tracking.metrics import read_jsonl
 from sft_cluster.tracking.plot import plot_loss
 from sft_cluster.tracking.rundir import RunDir
 
@@ -24,12 +24,12 @@ def finalize_run(
     name: str,
     status: str,
     started_at: float,
-    restarts: int = 0,
     error: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``summary.json`` and ``loss.png`` from what the workers left behind."""
-    records = read_metrics(run.metrics, run.options)
+    records = read_jsonl(run.metrics, run.options)
+    events = read_jsonl(run.events, run.options)
     reports = run.worker_reports()
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     first_steps = [r["first_step_at"] for r in reports if r.get("first_step_at")]
@@ -45,7 +45,8 @@ def finalize_run(
         "tokens_per_second": steady_tokens_per_second(records),
         "time_to_first_step_seconds": (min(first_steps) - started_at) if first_steps else None,
         "wall_seconds": time.time() - started_at,
-        "restarts": restarts,
+        "restarts": sum(1 for e in events if e.get("event") == "resumed"),
+        "resumed_from": [e["step"] for e in events if e.get("event") == "resumed"],
         "output_uri": run.uri,
         "final_model": run.final if status == "completed" else None,
         **(extra or {}),

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sft_cluster.tracking import MetricsLog
+from sft_cluster.tracking import JsonlLog
 from sft_cluster.train.progress import ProgressSink
 
 
@@ -18,7 +18,7 @@ class ProgressCallback(TrainerCallback):
     averaged over all ranks.
     """
 
-    def __init__(self, metrics: MetricsLog | None, sink: ProgressSink, max_steps: int):
+    def __init__(self, metrics: JsonlLog | None, sink: ProgressSink, max_steps: int):
         self.metrics = metrics
         self.sink = sink
         self.max_steps = max_steps

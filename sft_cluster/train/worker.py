@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -22,10 +23,13 @@ import torch.distributed as dist
 from trl import SFTConfig, SFTTrainer
 
 from sft_cluster import storage
+from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import load_conversations
 from sft_cluster.spec import JobSpec
-from sft_cluster.tracking import MetricsLog, RunDir
+from sft_cluster.tracking import JsonlLog, run_dir_of
+from sft_cluster.train import signals
 from sft_cluster.train.callbacks import ProgressCallback
+from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
 from sft_cluster.train.model import build_model, load_tokenizer
 from sft_cluster.train.progress import LogSink, ProgressSink
 
@@ -78,7 +82,8 @@ def _sft_config(job: JobSpec, output_dir: str, precision: Precision, on_gpu: boo
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
         logging_steps=train.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if job.checkpoint.every_n_steps else "no",
+        save_steps=job.checkpoint.every_n_steps or 500,
         report_to=list(job.tracking),
         disable_tqdm=True,
         log_level="warning",
@@ -101,17 +106,20 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]:
-    """Train ``job`` on this rank; rank 0 writes metrics and the final model."""
+def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool = False) -> dict[str, Any]:
+    """Train ``job`` on this rank, resuming from the newest committed checkpoint.
+
+    Rank 0 writes metrics, events and the final model. Returns this rank's
+    report; ``report["preempted"]`` is true when a stop request ended training
+    early, right after a committed checkpoint.
+    """
     started = time.time()
     sink = sink or LogSink()
+    signals.install(job.checkpoint.preemption_signals)  # a no-op off the main thread
     rank, _ = _world()
     on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
     precision = resolve_precision(job, on_gpu)
-    run = RunDir(
-        job.output_uri,
-        storage.storage_options_for(job.output_uri, job.storage.endpoint_url, job.storage.options),
-    )
+    run = run_dir_of(job)
     staging = Path(tempfile.mkdtemp(prefix=f"sftc-{job.name}-rank{rank}-"))
     if rank == 0 and "tensorboard" in job.tracking:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
@@ -121,33 +129,71 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]
     train_dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
     args = _sft_config(job, str(staging / "trainer"), precision, on_gpu)
     model = build_model(job.model, job.train.seed, precision.dtype)
-    metrics = MetricsLog(run.metrics, run.options) if rank == 0 else None
+    rank, world_size = _world()  # the SFTConfig above set up distributed state
+    store = CheckpointStore(run.uri, run.options)
+    resume_step = None
+    if job.checkpoint.resume == "auto":
+        resume_step = find_resume_step(store, rank, fast=verify_fast)
+    metrics = JsonlLog(run.metrics, run.options) if rank == 0 else None
+    if rank == 0 and resume_step is not None:
+        metrics.truncate_after(resume_step)
+        events = JsonlLog(run.events, run.options)
+        events.append({"event": "resumed", "step": resume_step, "time": time.time()})
+        events.close()
     progress = ProgressCallback(metrics, sink, job.train.max_steps)
+    committer = CommitCallback(
+        store,
+        job.checkpoint,
+        rank,
+        world_size,
+        on_commit=lambda step: sink.emit({"kind": "checkpoint", "step": step}),
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[progress],
+        callbacks=[progress, committer],
     )
     recorder = _RecordingCollator(trainer.data_collator)
     trainer.data_collator = recorder
-    rank, world_size = _world()
-    sink.emit({"kind": "start", "rank": rank, "world_size": world_size})
+    sink.emit({"kind": "start", "rank": rank, "world_size": world_size, "resumed_from": resume_step})
 
-    trainer.train()
-
-    final_local = staging / "final"
-    trainer.save_model(str(final_local))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(str(final_local))
-        storage.upload_dir(final_local, run.final, run.options)
-        if "tensorboard" in job.tracking:
-            storage.upload_dir(staging / "tensorboard", run.tensorboard, run.options)
+    resume_dir = None
+    if resume_step is not None:
+        resume_dir = str(store.download(resume_step, staging / "resume"))
+    trainer.train(resume_from_checkpoint=resume_dir)
+    committer.finish()
+    preempted = committer.stopped_for_preemption
+    if preempted:
+        sink.emit({"kind": "preempted", "step": trainer.state.global_step})
+    else:
+        final_local = staging / "final"
+        trainer.save_model(str(final_local))
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(str(final_local))
+            storage.upload_dir(final_local, run.final, run.options)
+    if rank == 0 and "tensorboard" in job.tracking:
+        storage.upload_dir(staging / "tensorboard", run.tensorboard, run.options)
     if metrics is not None:
         metrics.close()
+    report = _report(trainer, recorder, rank, world_size, started, progress)
+    report["preempted"] = preempted
+    run.write_json(run.worker_report(rank), report)
+    shutil.rmtree(staging, ignore_errors=True)
+    return report
 
-    report = {
+
+def _report(
+    trainer,
+    recorder: _RecordingCollator,
+    rank: int,
+    world_size: int,
+    started: float,
+    progress: ProgressCallback,
+) -> dict[str, Any]:
+    """What this rank did: topology and fingerprints, for tests and post-mortems."""
+    return {
         "rank": rank,
         "world_size": world_size,
         "hostname": socket.gethostname(),
@@ -162,5 +208,3 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None) -> dict[str, Any]
         "first_step_at": progress.first_step_time,
         "finished_at": time.time(),
     }
-    run.write_json(run.worker_report(rank), report)
-    return report

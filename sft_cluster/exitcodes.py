@@ -1,0 +1,12 @@
+"""Exit codes shared by the worker, the driver and every launcher."""
+
+# The job checkpointed because it was asked to stop (preemption, Slurm's
+# pre-timeout signal): launchers treat it as "requeue me". EX_TEMPFAIL.
+PREEMPTED = 75
+# The user must fix the job file or the data.
+USER_ERROR = 2
+
+
+def for_status(status: str) -> int:
+    """Process exit code for a run's final ``status``."""
+    return {"completed": 0, "preempted": PREEMPTED}.get(status, 1)
