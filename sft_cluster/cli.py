@@ -96,6 +96,16 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run; run nothing.")] = False,
 ) -> None:
     """Train on this machine with an embedded Ray cluster."""
+    _run_here(job_path, overrides, cluster, dry_run)
+
+
+def _run_here(
+    job_path: Path,
+    overrides: list[str] | None,
+    cluster: Path | None,
+    dry_run: bool,
+    verify_fast: bool = False,
+) -> None:
     from sft_cluster.launch.local import anchor_local_paths, describe_local, run_local
     from sft_cluster.spec import LocalCluster
 
@@ -113,9 +123,39 @@ def run(
         console.print(dump_job_yaml(job), highlight=False)
         console.print(json.dumps(describe_local(job, cluster_spec), indent=2), highlight=False)
         return
-    summary = run_local(job, cluster_spec, console)
+    summary = run_local(job, cluster_spec, console, verify_fast=verify_fast)
     _print_summary(summary)
     raise typer.Exit(exitcodes.for_status(summary["status"]))
+
+
+@app.command()
+def resume(
+    run_uri: Annotated[
+        str, typer.Argument(help="Run directory (any URI) holding job.yaml.", show_default=False)
+    ],
+    overrides: OverridesArg = None,
+    cluster: ClusterOpt = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Verify checkpoint sizes only, not hashes.")] = False,
+) -> None:
+    """Continue a run from its newest complete checkpoint (here, or with --cluster on Ray/Slurm)."""
+    import tempfile
+
+    from sft_cluster import storage
+
+    job_uri = storage.join(run_uri, "job.yaml")
+    try:
+        text = storage.read_text(job_uri)
+    except FileNotFoundError:
+        _fail([f"{run_uri}: no job.yaml here; is this a run directory (output_uri)?"])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(text)
+    pinned = [*(overrides or []), f"output_uri={run_uri}", "checkpoint.resume=auto"]
+    job_path = Path(handle.name)
+    spec = load_cluster(cluster) if cluster else None
+    if spec is None or spec.kind == "local":
+        _run_here(job_path, pinned, cluster, dry_run=False, verify_fast=fast)
+    else:
+        _remote(job_path, pinned, cluster, spec.kind, dry_run=False)
 
 
 def _print_summary(summary: dict) -> None:

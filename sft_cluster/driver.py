@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -98,7 +99,8 @@ class RestartNotice(UserCallback):
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     from sft_cluster.train import run_worker
 
-    run_worker(JobSpec.model_validate(config["job"]), ChannelSink(config["channel"]))
+    job = JobSpec.model_validate(config["job"])
+    run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"])
 
 
 @contextlib.contextmanager
@@ -146,7 +148,9 @@ def describe_failure(exc: Exception) -> tuple[str, str]:
     return (text.splitlines()[-1] if text else type(exc).__name__), text
 
 
-def run_training(job: JobSpec, console: Console, started_at: float | None = None) -> dict[str, Any]:
+def run_training(
+    job: JobSpec, console: Console, started_at: float | None = None, verify_fast: bool = False
+) -> dict[str, Any]:
     """Train ``job`` on the Ray cluster this process is connected to; returns the summary."""
     started_at = started_at or time.time()
     run = run_dir_of(job)
@@ -163,7 +167,11 @@ def run_training(job: JobSpec, console: Console, started_at: float | None = None
     channel = ProgressChannel.remote()
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "channel": channel},
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "channel": channel,
+            "verify_fast": verify_fast,
+        },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -204,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entrypoint on a cluster: ``python -m sft_cluster.driver RESOLVED_JOB_YAML``."""
     parser = argparse.ArgumentParser(prog="sft_cluster.driver")
     parser.add_argument("job")
+    parser.add_argument("--fast", action="store_true", help="verify checkpoint sizes only")
     args = parser.parse_args(argv)
     job = load_job(args.job)
     ray.init(address="auto", log_to_driver=False, runtime_env=ray_worker_runtime_env(job))
-    summary = run_training(job, Console())
+    summary = run_training(job, Console(), verify_fast=args.fast)
     return exitcodes.for_status(summary["status"])
 
 

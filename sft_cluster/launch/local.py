@@ -53,7 +53,9 @@ def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | Non
             shutil.rmtree(root, ignore_errors=True)
 
 
-def run_local(job: JobSpec, cluster: LocalCluster, console: Console) -> dict[str, Any]:
+def run_local(
+    job: JobSpec, cluster: LocalCluster, console: Console, verify_fast: bool = False
+) -> dict[str, Any]:
     """``sft-cluster run``: train on this machine; returns the run summary."""
     started_at = time.time()
     needed = int(job.resources.num_workers * job.resources.cpus_per_worker + 0.999)
@@ -62,7 +64,7 @@ def run_local(job: JobSpec, cluster: LocalCluster, console: Console) -> dict[str
     with embedded_ray(num_cpus, ray_worker_runtime_env(job), cluster.temp_dir):
         from sft_cluster.driver import run_training  # imports ray: only after its auth is set
 
-        return run_training(job, console, started_at=started_at)
+        return run_training(job, console, started_at=started_at, verify_fast=verify_fast)
 
 
 def anchor_local_paths(job: JobSpec) -> JobSpec:

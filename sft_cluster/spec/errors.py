@@ -78,12 +78,16 @@ def section(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] 
     return annotation if _is_model(annotation) else None
 
 
+def closest_key(key: str, model: type[BaseModel]) -> str | None:
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def unknown_key(key: str, model: type[BaseModel], parent: Sequence[str | int]) -> str:
     """``unknown key 'train.lr' (valid keys: ...)``, with the closest key when there is one."""
-    valid = list(model.model_fields)
     prefix = f"{dotted(parent)}." if parent else ""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+    close = closest_key(key, model)
+    hint = f"did you mean '{prefix}{close}'?" if close else f"valid keys: {', '.join(model.model_fields)}"
     return f"unknown key '{prefix}{key}' ({hint})"
 
 
@@ -154,20 +158,34 @@ def _message(error: dict[str, Any], field: FieldInfo | None) -> str:
     return str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
+def _typo_targets(errors: list[Any], root: type[BaseModel]) -> set[tuple[str | int, ...]]:
+    """Required keys that an unknown key is a typo of: 'missing' for them says nothing new."""
+    targets = set()
+    for error in errors:
+        loc = tuple(error["loc"])
+        model = section(root, loc[:-1]) if error["type"] == "extra_forbidden" else None
+        close = closest_key(str(loc[-1]), model) if model else None
+        if close:
+            targets.add((*loc[:-1], close))
+    return targets
+
+
 def format_errors(exc: ValidationError, source: str, root: type[BaseModel]) -> list[str]:
     """One ``source: ...`` line per problem pydantic found, in the project's words."""
+    errors = exc.errors(include_url=False)
+    typo_targets = _typo_targets(errors, root)
     lines = []
-    for error in exc.errors(include_url=False):
+    for error in errors:
         loc = list(error["loc"])
         path = dotted(loc)
         kind = error["type"]
         if kind == "extra_forbidden":
             model = section(root, loc[:-1])
-            key = str(loc[-1])
-            found = unknown_key(key, model, loc[:-1]) if model else f"unknown key '{path}'"
+            found = unknown_key(str(loc[-1]), model, loc[:-1]) if model else f"unknown key '{path}'"
             lines.append(f"{source}: {found}")
         elif kind == "missing":
-            lines.append(f"{source}: {path}: missing (required)")
+            if tuple(loc) not in typo_targets:
+                lines.append(f"{source}: {path}: missing (required)")
         elif kind == "spec_rule":
             lines.extend(f"{source}: {line}" for line in error["msg"].splitlines())
         else:

@@ -70,8 +70,8 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path, isolated_env):
         ("train: {max_steps: 10, learning_rate: -0.1}", "train.learning_rate = -0.1: must be greater than 0"),
         ("train: {max_steps: 10, lr: 0.1}", "unknown key 'train.lr' (valid keys:"),
         ("resources: {num_workers: 0}", "resources.num_workers = 0: must be a positive integer"),
-        ("strategy: {kind: fsdpp}", "strategy.kind = 'fsdpp': must be one of 'ddp', 'fsdp' or 'deepspeed'"),
-        ("storage: {options: {secret: hunter2}}", "storage.options: 'secret' looks like a credential"),
+        ("strategy: {kind: fsdpp}", "strategy.kind = 'fsdpp': must be one of 'ddp', 'fsdp', 'deepspeed'"),
+        ("storage: {options: {secret: hunter2}}", "storage.options: 'secret' is a credential"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(tmp_path, isolated_env, edit, message):
@@ -99,7 +99,7 @@ def test_missing_model_and_data_paths(tmp_path, isolated_env):
         run_cli(["run", path], isolated_env),
         "model.name_or_path = './no-such-model': no such directory",
         "data.sources[0].uri = ",
-        "no such file; check the path",
+        "missing.jsonl': no such file or directory (check the path",
     )
 
 

@@ -1,0 +1,159 @@
+"""Real faults on the embedded Ray cluster: a SIGKILLed worker, a preemption
+signal, corrupt checkpoints. Each run must end with the weights and per-step
+losses of an uninterrupted run (CPU, DDP over gloo: bitwise in practice; we
+allow 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import CLI, REPO, isolated_environment, run_cli
+
+STEPS = 60
+JOB = [
+    "jobs/smoke.yaml",
+    f"train.max_steps={STEPS}",
+    "checkpoint.every_n_steps=10",
+    "checkpoint.keep_last=3",
+    "tracking=none",
+]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.2)
+
+
+def _start(out: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*CLI, "run", *JOB, f"output_uri={out}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("faults")
+    return tmp, isolated_environment(tmp / "home")
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir) -> Path:
+    tmp, env = workdir
+    out = tmp / "baseline"
+    result = run_cli(["run", *JOB, f"output_uri={out}"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_checkpoint_layout_and_retention(baseline):
+    steps = sorted(p.name for p in (baseline / "checkpoints").iterdir())
+    assert steps == ["step-00000040", "step-00000050", "step-00000060"]
+    newest = baseline / "checkpoints" / "step-00000060"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert (newest / "COMMITTED").read_text().strip() == "60"
+    for name in (
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ):
+        assert manifest["files"][name]["size"] == (newest / name).stat().st_size
+
+
+def test_sigkilled_worker_is_replaced_and_result_is_unchanged(workdir, baseline):
+    tmp, env = workdir
+    out = tmp / "killed"
+    proc = _start(out, env)
+    _wait_for(out / "checkpoints" / "step-00000010" / "COMMITTED", proc)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    workers[-1].send_signal(signal.SIGKILL)  # a real fault, not an exception in our code
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    assert "failed" in output and "restarting the worker group" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1
+    restart = summary["resumed_from"][0]
+    assert restart >= 10
+    assert f"resumed from step {restart}" in output
+    base, ours = _losses(baseline), _losses(out)
+    assert sorted(ours) == list(range(1, STEPS + 1))  # every step logged exactly once
+    for step in range(restart + 1, STEPS + 1):
+        assert abs(ours[step] - base[step]) <= 1e-6, (step, ours[step], base[step])
+    assert _max_weight_diff(out, baseline) <= 1e-6
+
+
+def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, baseline):
+    tmp, env = workdir
+    out = tmp / "preempted"
+    proc = _start(out, env)
+    _wait_for(out / "checkpoints" / "step-00000010" / "COMMITTED", proc)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "preempted"
+    stopped_at = summary["steps"]
+    assert 10 < stopped_at < STEPS
+    # The step it stopped at is committed: nothing to recompute.
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "COMMITTED").exists()
+    assert "stop requested" in output
+
+    resumed = run_cli(["resume", str(out)], env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"] == [stopped_at]
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))
+    assert _max_weight_diff(out, baseline) <= 1e-6
+
+
+def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):
+    tmp, env = workdir
+    out = tmp / "corrupt"
+    shutil.copytree(baseline, out)
+    (out / "final").rename(out / "final-before")
+    with (out / "checkpoints" / "step-00000060" / "optimizer.pt").open("r+b") as handle:
+        handle.truncate(100)
+    (out / "checkpoints" / "step-00000050" / "COMMITTED").unlink()
+    result = run_cli(["resume", str(out)], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "step-00000060" in log and "optimizer.pt has 100 bytes" in log
+    assert "step-00000050" in log and "no COMMITTED marker" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == [40]
+    assert _max_weight_diff(out, baseline) <= 1e-6
