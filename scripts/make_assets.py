@@ -2,18 +2,22 @@
 
     python scripts/make_assets.py [--out DIR]
 
-Writes, deterministically (the same bytes on every run, for a given set of library versions):
+Writes, deterministically (the same bytes on every run with the pinned library versions):
 
-- ``smoke-chat.jsonl``: toy chat conversations in the OpenAI ``messages`` shape. The
-  tasks are fixed mappings over a small vocabulary (capitals, colours, opposites,
-  small sums) plus a word-reversal copy task; some conversations have a system
-  message (one of them, "Answer in one word.", changes the answer format) and some
-  have two or three turns. A ~0.4M-parameter model learns them visibly in ~150 steps.
-- ``tiny-chatml/``: a byte-level BPE tokenizer trained on that data, with special tokens
-  ``<|endoftext|>`` (pad), ``<|im_start|>`` and ``<|im_end|>`` (eos) and a ChatML chat
-  template whose assistant turns (content and ``<|im_end|>``) are wrapped in
-  ``{% generation %}`` (needed for assistant-only loss).
-- ``tiny-llama/``: a Llama-shaped ``config.json`` (no weights: the model is built with
+- ``smoke-chat.jsonl``: 2000 toy chat conversations in the OpenAI ``messages`` shape.
+  Each user turn asks one of six questions over a small vocabulary: a capital, a
+  colour, an opposite, the number after n (n < 20), a sum of two numbers below 5, or
+  to repeat a word. Answers are one word and a full stop. ~30% of conversations
+  start with a system message; one of them ("Be excited!") makes every answer end
+  in "!" instead. ~30% have 2 or 3 turns. Every conversation is under 70 tokens.
+  The 0.37M-parameter ``tiny-llama`` learns the lookups within 150 steps (batch
+  8 x 256 packed tokens, lr 1e-3): the assistant-only loss falls from ~6 to ~1.
+- ``tiny-chatml/``: a byte-level BPE tokenizer (GPT-2 pre-tokenization, as Qwen2)
+  trained on that data, with ``<|endoftext|>`` (pad), ``<|im_start|>`` and
+  ``<|im_end|>`` (eos), and a ChatML chat template whose assistant turns (content
+  and ``<|im_end|>``) are wrapped in ``{% generation %}``, so
+  ``return_assistant_tokens_mask=True`` (TRL's ``assistant_only_loss``) marks them.
+- ``tiny-llama/``: a Llama ``config.json`` (no weights: the model is built with
   ``AutoModelForCausalLM.from_config`` after seeding) plus the same tokenizer files.
 """
 
@@ -27,19 +31,21 @@ import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "sft_cluster" / "assets"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sft_cluster" / "assets"
+DATA_FILE = "smoke-chat.jsonl"
+TOKENIZER_DIR = "tiny-chatml"
+MODEL_DIR = "tiny-llama"
 
 SEED = 1234
 NUM_CONVERSATIONS = 2000
-VOCAB_SIZE = 1024  # upper bound; BPE stops earlier once every word of the data is one token
+VOCAB_SIZE = 1024  # an upper bound: BPE stops once every word of the data is a single token
 MODEL_MAX_LENGTH = 1024
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 
-# ChatML, as in Qwen2 (without its default system message), with each assistant turn's
-# content and <|im_end|> inside {% generation %} so return_assistant_tokens_mask marks them.
+# Qwen2's ChatML template without its default system message. Each assistant turn's content
+# and its <|im_end|> sit inside {% generation %}, the newline after <|im_end|> does not.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -53,6 +59,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# hidden 128 / 2 layers / intermediate 256 with a ~580-token tied embedding: ~0.37M parameters.
 LLAMA = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -61,8 +68,10 @@ LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
     "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     "initializer_range": 0.02,
+    "tie_word_embeddings": True,
+    "use_cache": False,
 }
 
 CAPITALS = {
@@ -79,13 +88,13 @@ OPPOSITES = {
     "wet": "dry", "dark": "light", "happy": "sad", "open": "closed", "early": "late",
 }  # fmt: skip
 WORDS = ["cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "star", "rain"]
-EXCITED = "Be excited!"  # this system message ends answers with "!" instead of "."
+EXCITED = "Be excited!"  # the one system message that changes answers: "!" instead of "."
 SYSTEMS = ["You are a helpful assistant.", "You are a precise tutor.", EXCITED]
 MAX_ADDEND = 5
 
 
-def _turn(rng: random.Random) -> tuple[str, str]:
-    """One question and its answer, without the final full stop."""
+def _question(rng: random.Random) -> tuple[str, str]:
+    """One question and its one-word answer (without the final punctuation)."""
     kind = rng.randrange(6)
     if kind == 0:
         country = rng.choice(sorted(CAPITALS))
@@ -118,7 +127,7 @@ def conversations(rng: random.Random, count: int = NUM_CONVERSATIONS) -> list[di
             messages.append({"role": "system", "content": system})
         turns = 1 if rng.random() < 0.7 else rng.choice((2, 3))
         for _ in range(turns):
-            question, answer = _turn(rng)
+            question, answer = _question(rng)
             messages.append({"role": "user", "content": question})
             messages.append({"role": "assistant", "content": answer + end})
         rows.append({"messages": messages})
@@ -126,7 +135,7 @@ def conversations(rng: random.Random, count: int = NUM_CONVERSATIONS) -> list[di
 
 
 def train_tokenizer(rows: list[dict]) -> Tokenizer:
-    """Byte-level BPE (GPT-2 pre-tokenization, as Qwen2) trained on the message texts."""
+    """Byte-level BPE trained on every message text (and the role names)."""
     texts = [message["content"] for row in rows for message in row["messages"]]
     texts += ["system", "user", "assistant"]
     tokenizer = Tokenizer(models.BPE())
@@ -135,7 +144,7 @@ def train_tokenizer(rows: list[dict]) -> Tokenizer:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -143,11 +152,8 @@ def train_tokenizer(rows: list[dict]) -> Tokenizer:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (chat template inside) + special_tokens_map.json."""
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
         eos_token=IM_END,
@@ -159,56 +165,46 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
         clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATE,
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(directory, save_jinja_files=False)
-    special = {"eos_token": IM_END, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START]}
-    _write_json(directory / "special_tokens_map.json", special)
 
 
-def llama_config(tokenizer: Tokenizer) -> dict:
-    from transformers import LlamaConfig
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    """tokenizer.json, tokenizer_config.json (chat template inside), special_tokens_map.json."""
+    tokenizer.save_pretrained(directory, save_jinja_files=False)
+    # transformers 5 no longer writes this file; older readers look for it.
+    special = {"additional_special_tokens": [IM_START], "eos_token": IM_END, "pad_token": ENDOFTEXT}
+    _write_text(directory / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
 
+
+def llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-        hidden_size=LLAMA["hidden_size"],
-        intermediate_size=LLAMA["intermediate_size"],
-        num_hidden_layers=LLAMA["num_hidden_layers"],
-        num_attention_heads=LLAMA["num_attention_heads"],
-        num_key_value_heads=LLAMA["num_key_value_heads"],
-        max_position_embeddings=LLAMA["max_position_embeddings"],
-        rms_norm_eps=LLAMA["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": LLAMA["rope_theta"]},
-        initializer_range=LLAMA["initializer_range"],
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.token_to_id(ENDOFTEXT),
-        eos_token_id=tokenizer.token_to_id(IM_END),
-        pad_token_id=tokenizer.token_to_id(ENDOFTEXT),
-        use_cache=False,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,  # None, as in the tokenizer (ChatML has no BOS)
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **LLAMA,
     )
     config.architectures = ["LlamaForCausalLM"]
     return config
 
 
-def _write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def _write_text(path: Path, text: str) -> None:
+    path.write_bytes(text.encode("utf-8"))  # "\n" line ends on every platform
 
 
 def build(out: Path, seed: int = SEED) -> None:
-    """Write every asset under ``out`` (existing asset files there are replaced)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every asset under ``out``, replacing the asset files and folders already there."""
     rows = conversations(random.Random(seed))
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    (out / "smoke-chat.jsonl").write_text(lines, encoding="utf-8")
-
-    tokenizer = train_tokenizer(rows)
-    with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = hf_tokenizer(train_tokenizer(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
         staged = Path(tmp)
-        save_tokenizer(tokenizer, staged / "tiny-chatml")
-        shutil.copytree(staged / "tiny-chatml", staged / "tiny-llama")
-        llama_config(tokenizer).save_pretrained(staged / "tiny-llama")
-        for name in ("tiny-chatml", "tiny-llama"):
+        save_tokenizer(tokenizer, staged / TOKENIZER_DIR)
+        shutil.copytree(staged / TOKENIZER_DIR, staged / MODEL_DIR)
+        llama_config(tokenizer).save_pretrained(staged / MODEL_DIR)
+        for name in (TOKENIZER_DIR, MODEL_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-            shutil.copytree(staged / name, out / name)
+            (staged / name).rename(out / name)
+    _write_text(out / DATA_FILE, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED, help="data seed (default: %(default)s)")
     args = parser.parse_args(argv)
     build(args.out, args.seed)
-    print(f"assets written to {args.out}")
+    print(f"wrote {DATA_FILE}, {TOKENIZER_DIR}/ and {MODEL_DIR}/ under {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -61,9 +62,10 @@ class ProgressDisplay:
             elif kind == "checkpoint":
                 self._say(f"checkpoint step {event['step']} committed")
             elif kind == "worker_failed":
-                self._say(
-                    f"[red]rank {event['rank']} failed[/red] ({event['reason']}); restarting the worker group"
-                )
+                reason = escape(event["reason"])
+                self._say(f"[red]rank {event['rank']} failed[/red] ({reason}); restarting the worker group")
+            elif kind == "notice":
+                self._say(f"[yellow]{escape(event['message'])}[/yellow]")
             elif kind == "preempted":
                 self._say(f"stop requested: checkpointed step {event['step']} and stopped")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,28 @@ class CheckpointStore:
                     raise ValueError(f"{rel} does not match its sha256 in the manifest")
         return manifest
 
-    def latest(self, fast: bool = False) -> CommittedCheckpoint | None:
-        """The newest checkpoint that is committed and verifies; warns about each one skipped."""
+    def latest(
+        self, fast: bool = False, on_skip: Callable[[str], None] | None = None
+    ) -> CommittedCheckpoint | None:
+        """The newest checkpoint that is committed and verifies.
+
+        Each one skipped is reported (a warning, and ``on_skip`` with the message).
+        """
+
+        def skip(message: str) -> None:
+            log.warning("%s", message)
+            if on_skip is not None:
+                on_skip(message)
+
         for step in reversed(self.steps()):
             uri = self.step_uri(step)
             if not self.is_committed(step):
-                log.warning("skipping checkpoint %s: no COMMITTED marker (incomplete save)", uri)
+                skip(f"skipping checkpoint {uri}: no COMMITTED marker (incomplete save)")
                 continue
             try:
                 manifest = self.verify(step, fast=fast)
             except ValueError as exc:
-                log.warning("skipping checkpoint %s: %s", uri, exc)
+                skip(f"skipping checkpoint {uri}: {exc}")
                 continue
             return CommittedCheckpoint(step, uri, manifest)
         return None

@@ -15,6 +15,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +166,13 @@ class CommitCallback(TrainerCallback):
         shutil.rmtree(upload.local, ignore_errors=True)
 
 
-def find_resume_step(store: CheckpointStore, rank: int, fast: bool = False) -> int | None:
+def find_resume_step(
+    store: CheckpointStore, rank: int, fast: bool = False, on_skip: Callable[[str], None] | None = None
+) -> int | None:
     """Rank 0 picks the newest verified commit; every rank gets the same answer."""
     choice = [None]
     if rank == 0:
-        latest = store.latest(fast=fast)
+        latest = store.latest(fast=fast, on_skip=on_skip)
         choice = [latest.step if latest else None]
     if _distributed():
         dist.broadcast_object_list(choice, src=0)

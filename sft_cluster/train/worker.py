@@ -133,7 +133,9 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
     store = CheckpointStore(run.uri, run.options)
     resume_step = None
     if job.checkpoint.resume == "auto":
-        resume_step = find_resume_step(store, rank, fast=verify_fast)
+        resume_step = find_resume_step(
+            store, rank, fast=verify_fast, on_skip=lambda m: sink.emit({"kind": "notice", "message": m})
+        )
     metrics = JsonlLog(run.metrics, run.options) if rank == 0 else None
     if rank == 0 and resume_step is not None:
         metrics.truncate_after(resume_step)
