@@ -70,7 +70,7 @@ class ProgressDisplay:
                 self._say(f"stop requested: checkpointed step {event['step']} and stopped")
 
     def _say(self, message: str) -> None:
-        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", soft_wrap=True)
 
     def _step(self, event: dict[str, Any]) -> None:
         loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
