@@ -262,9 +262,11 @@ def _call(fn, *args, **kwargs):
 def _follow_to_end(job_id: str, cluster: Path | None) -> None:
     backend = _backend_for(job_id, cluster)
     for line in _call(backend.logs, job_id, follow=True):
-        console.print(line, highlight=False, markup=False, end="")
+        console.print(line, highlight=False, markup=False, end="", soft_wrap=True)
     final = _call(backend.status, job_id)
-    console.print(f"job {job_id}: {final.state}")
+    console.print(f"job {job_id}: {final.state}", highlight=False)
+    if final.message and not final.succeeded:
+        errors.print(final.message, highlight=False, markup=False, soft_wrap=True)
     if not final.succeeded:
         raise typer.Exit(1)
 
@@ -291,7 +293,7 @@ def logs(
         _follow_to_end(job_id, cluster)
         return
     for line in _call(_backend_for(job_id, cluster).logs, job_id, follow=False):
-        console.print(line, highlight=False, markup=False, end="")
+        console.print(line, highlight=False, markup=False, end="", soft_wrap=True)
 
 
 @app.command()

@@ -211,9 +211,16 @@ def run_training(
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint on a cluster: ``python -m sft_cluster.driver RESOLVED_JOB_YAML``."""
     parser = argparse.ArgumentParser(prog="sft_cluster.driver")
-    parser.add_argument("job")
+    parser.add_argument("job", nargs="?", help="the resolved job file")
+    parser.add_argument("--job-env", metavar="VAR", help="read the job YAML from this variable (Ray Jobs)")
     parser.add_argument("--fast", action="store_true", help="verify checkpoint sizes only")
     args = parser.parse_args(argv)
+    if args.job_env:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            handle.write(os.environ.get(args.job_env, ""))
+        args.job = handle.name
+    if not args.job:
+        parser.error("give JOB_YAML or --job-env VAR")
     job = load_job(args.job)
     ray.init(address="auto", log_to_driver=False, runtime_env=ray_worker_runtime_env(job))
     summary = run_training(job, Console(), verify_fast=args.fast)

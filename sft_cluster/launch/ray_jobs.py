@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import re
 import secrets
@@ -100,14 +101,16 @@ class RayJobsBackend:
             "(export the cluster's token, or set auth.token_file)"
         )
 
-    def _auth_words(self) -> str:
+    def _token_source(self) -> str:
         auth = self.cluster.auth
-        if auth.mode != "token":
-            return "none"
-        source = f"${auth.token_env}"
         if not os.environ.get(auth.token_env) and auth.token_file:
-            source = auth.token_file
-        return f"token from {source} (sent as an Authorization header; never stored)"
+            return auth.token_file
+        return f"${auth.token_env}"
+
+    def _auth_words(self) -> str:
+        if self.cluster.auth.mode != "token":
+            return "none"
+        return f"token from {self._token_source()} (sent as an Authorization header; never stored)"
 
     # --- the request -------------------------------------------------------------
 
@@ -219,6 +222,7 @@ class RayJobsBackend:
         with self._errors(), _without_env(_ADDRESS_VARS):
             from ray.job_submission import JobSubmissionClient
 
+            _quiet_ray_logs()
             self._client_cache = JobSubmissionClient(address, headers=headers)
         return self._client_cache
 
@@ -247,7 +251,7 @@ class RayJobsBackend:
                     f"{where} requires a token: set 'auth: {{mode: token}}' in {self.cluster_file} "
                     f"and export the token as ${auth.token_env}"
                 )
-            return f"{where} rejected the token from {self._auth_words().split(' (')[0][11:]}: check it"
+            return f"{where} rejected the token from {self._token_source()}: check it"
         if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout") or (
             "Failed to connect" in text or "Connection refused" in text
         ):
@@ -390,6 +394,12 @@ def _anchor(job: JobSpec) -> JobSpec:
     from sft_cluster.launch.local import anchor_local_paths
 
     return anchor_local_paths(job)
+
+
+def _quiet_ray_logs() -> None:
+    """Ray's client logs each packaging step at INFO: keep its errors, drop the chatter."""
+    for handler in logging.getLogger("ray").handlers:
+        handler.setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

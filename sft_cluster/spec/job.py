@@ -174,6 +174,7 @@ class CheckpointSpec(Strict):
     keep_every_n_steps: int | None = Field(None, gt=0)
     resume: Literal["auto", "never"] = "auto"
     max_failures: int = Field(3, ge=0)
+    async_upload: bool = True  # upload while training continues; false waits for each upload
     preemption_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"]
     )

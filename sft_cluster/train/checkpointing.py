@@ -80,11 +80,20 @@ class _Upload:
         self._thread.start()
 
     def _run(self, store: CheckpointStore, files: list[str]) -> None:
+        # Hashing and uploading read the same files: run them side by side.
+        hasher = threading.Thread(target=self._hash, args=(files,), daemon=True)
+        hasher.start()
+        try:
+            store.upload_files(self.local, files, self.step)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
+            self.error = exc
+        hasher.join()
+
+    def _hash(self, files: list[str]) -> None:
         try:
             for rel in files:
                 path = self.local / rel
                 self.hashes[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            store.upload_files(self.local, files, self.step)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
             self.error = exc
 
@@ -128,6 +137,8 @@ class CommitCallback(TrainerCallback):
             dist.barrier()  # every rank's files are staged
         files = files_of_rank(local, self.rank, self.world_size)
         self.pending = _Upload(self.store, local, files, state.global_step)
+        if not self.spec.async_upload:
+            self.finish()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.finish()

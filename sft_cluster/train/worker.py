@@ -82,8 +82,9 @@ def _sft_config(job: JobSpec, output_dir: str, precision: Precision, on_gpu: boo
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
         logging_steps=train.logging_steps,
-        save_strategy="steps" if job.checkpoint.every_n_steps else "no",
-        save_steps=job.checkpoint.every_n_steps or 500,
+        # Without every_n_steps only the final step is saved (and preemption saves).
+        save_strategy="steps",
+        save_steps=job.checkpoint.every_n_steps or train.max_steps,
         report_to=list(job.tracking),
         disable_tqdm=True,
         log_level="warning",

@@ -1,0 +1,223 @@
+"""Ray Jobs against a real head (``ray start --head``, 2 CPUs): submit, watch, stop, fail, auth.
+
+Every command runs the real CLI in a subprocess, as a user would. Tests run in
+file order: one training job at a time on the shared 2-CPU head.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.fixtures.ray_head import RAY, RayHead, free_ports, ray_head, ray_token_head  # noqa: F401
+
+SMOKE = ["jobs/smoke.yaml", "train.max_steps=20", "resources.num_workers=2", "checkpoint.every_n_steps=10"]
+
+
+def _ok(result) -> str:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def _user_error(result, *needles: str) -> str:
+    """Exit 2, one clear 'error:' line, no traceback."""
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text[-4000:]
+    assert "Traceback" not in text
+    assert result.stderr.startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    return result.stderr
+
+
+def _submitted_id(stdout: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith("submitted "))
+    return line.split()[1]
+
+
+def _env(head: RayHead, tmp: Path, **extra: str) -> dict[str, str]:
+    env = dict(head.env)
+    env["SFT_CLUSTER_STATE_DIR"] = str(tmp / "state")
+    env.update(extra)
+    return env
+
+
+def _wait_state(job_id: str, cluster: Path, env: dict, states: set[str], timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        result = run_cli(["status", job_id, "--cluster", str(cluster)], env)
+        state = result.stdout.split()[1] if result.returncode == 0 and result.stdout.split() else "?"
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s, wanted {states}")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, ray_head: RayHead):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("rayjobs")
+    cluster = ray_head.cluster_file(tmp / "ray.yaml", runtime_env={"pass_env": ["AWS_*"]})
+    return tmp, cluster, _env(ray_head, tmp)
+
+
+@pytest.fixture(scope="module")
+def smoke(work):
+    tmp, cluster, env = work
+    out = tmp / "smoke-run"
+    result = run_cli(["submit", *SMOKE, f"output_uri={out}", "--cluster", str(cluster), "--follow"], env)
+    return result, out
+
+
+def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  # noqa: F811
+    from ray.job_submission import JobSubmissionClient
+
+    tmp, cluster, env = work
+    before = len(JobSubmissionClient(ray_head.address).list_jobs())
+    secret = "s3cr3t-value-never-printed"
+    env = {**env, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": "http://u:pw@127.0.0.1:9"}
+    result = run_cli(["submit", *SMOKE, f"output_uri={tmp / 'dry'}", "--cluster", str(cluster), "--dry-run"], env)
+    text = _ok(result)
+    assert "python -m sft_cluster.driver --job-env SFT_CLUSTER_JOB_YAML" in text
+    request = json.loads(text[text.index("{") : text.index("\n}\n") + 2])
+    runtime_env = request["runtime_env"]
+    assert runtime_env["working_dir"] == str(REPO)
+    assert ".venv" in runtime_env["excludes"]
+    assert runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"].startswith("<redacted")
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"].startswith("<redacted")
+    assert request["metadata"]["output_uri"] == str(tmp / "dry")
+    assert request["entrypoint_num_cpus"] == 0
+    assert "max_steps: 20" in text  # the resolved job
+    assert secret not in result.stdout + result.stderr
+    assert "pw@" not in result.stdout + result.stderr
+    assert len(JobSubmissionClient(ray_head.address).list_jobs()) == before
+    assert not (tmp / "dry").exists()
+
+
+def test_submit_follow_succeeds(smoke):
+    result, out = smoke
+    text = _ok(result)
+    assert "output_uri: " + str(out) in text.replace("\n", "")
+    assert "step 20/20" in text
+    assert "SUCCEEDED" in text
+
+
+def test_run_directory_on_the_cluster(smoke):
+    _, out = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 20
+    assert summary["world_size"] == 2
+    assert (out / "final").is_dir() and any((out / "final").iterdir())
+    assert (out / "job.yaml").read_text().count("max_steps: 20") == 1
+
+
+def test_status_ours_and_rays(smoke, work, ray_head: RayHead):  # noqa: F811
+    result, _ = smoke
+    _, cluster, env = work
+    job_id = _submitted_id(result.stdout)
+    # By id alone: the local registry knows where it runs.
+    assert _ok(run_cli(["status", job_id], env)).split()[:2] == [job_id, "SUCCEEDED"]
+    ray_status = subprocess.run(
+        [RAY, "job", "status", "--address", ray_head.address, job_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ray_status.returncode == 0, ray_status.stderr
+    assert "succeeded" in (ray_status.stdout + ray_status.stderr).lower()
+    listing = _ok(run_cli(["list", "--cluster", str(cluster)], {**env, "COLUMNS": "250"}))
+    row = next(line for line in listing.splitlines() if job_id in line)
+    assert "smoke" in row and "SUCCEEDED" in row
+    assert "step 20/20" in _ok(run_cli(["logs", job_id], env))
+
+
+def test_unknown_job_id(work):
+    _, cluster, env = work
+    for verb in ("status", "logs", "stop"):
+        _user_error(run_cli([verb, "raysubmit_nope", "--cluster", str(cluster)], env), "no job 'raysubmit_nope'")
+
+
+def test_unreachable_address(work, tmp_path):
+    _, _, env = work
+    (port,) = free_ports(1)
+    cluster = tmp_path / "gone.yaml"
+    cluster.write_text(f"kind: ray\naddress: http://127.0.0.1:{port}\n")
+    _user_error(run_cli(["submit", *SMOKE, "--cluster", str(cluster)], env), "cannot reach", str(port))
+    _user_error(run_cli(["list", "--cluster", str(cluster)], env), "cannot reach")
+
+
+def test_failing_job_is_failed_with_its_error(work):
+    tmp, cluster, env = work
+    # Valid here, unwritable on the cluster: only the driver finds out.
+    bad = "/proc/sftc-not-writable/run"
+    result = run_cli(["submit", *SMOKE, f"output_uri={bad}", "--cluster", str(cluster), "--follow"], env)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAILED" in result.stdout
+    assert "exit code 1" in result.stderr  # the outcome, with the last log lines
+    job_id = _submitted_id(result.stdout)
+    status = run_cli(["status", job_id, "--cluster", str(cluster)], env)
+    assert status.stdout.split()[1] == "FAILED"
+    assert "exit code 1" in status.stdout
+    logs = _ok(run_cli(["logs", job_id], env))
+    assert "sftc-not-writable" in logs and ("Error" in logs or "error" in logs)
+
+
+def test_stop_a_running_job(work):
+    tmp, cluster, env = work
+    args = ["submit", "jobs/smoke.yaml", "train.max_steps=5000", f"output_uri={tmp / 'stopped'}"]
+    job_id = _submitted_id(_ok(run_cli([*args, "--cluster", str(cluster)], env)))
+    _wait_state(job_id, cluster, env, {"RUNNING"}, timeout=120)
+    time.sleep(3)
+    assert "stop requested" in _ok(run_cli(["stop", job_id], env))
+    assert _wait_state(job_id, cluster, env, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120) == "STOPPED"
+    _user_error(run_cli(["stop", job_id], env), "already STOPPED")
+
+
+class TestTokenAuth:
+    """A head started with RAY_AUTH_MODE=token."""
+
+    def _cluster(self, head: RayHead, tmp: Path, **auth: str) -> Path:
+        return head.cluster_file(tmp / f"token-{len(list(tmp.iterdir()))}.yaml", auth=auth)
+
+    def test_refused_without_the_token(self, ray_token_head: RayHead, tmp_path):  # noqa: F811
+        env = _env(ray_token_head, tmp_path)
+        no_auth = self._cluster(ray_token_head, tmp_path)
+        _user_error(run_cli(["list", "--cluster", str(no_auth)], env), "requires a token")
+        _user_error(run_cli(["submit", *SMOKE, "--cluster", str(no_auth)], env), "requires a token")
+        with_auth = self._cluster(ray_token_head, tmp_path, mode="token")
+        _user_error(run_cli(["list", "--cluster", str(with_auth)], env), "$RAY_AUTH_TOKEN is not set")
+        wrong = {**env, "RAY_AUTH_TOKEN": "0" * 32}
+        _user_error(run_cli(["list", "--cluster", str(with_auth)], wrong), "rejected the token")
+
+    def test_accepted_with_the_token(self, ray_token_head: RayHead, tmp_path):  # noqa: F811
+        from ray.job_submission import JobSubmissionClient
+
+        token = ray_token_head.token
+        env = _env(ray_token_head, tmp_path, SFTC_TEST_TOKEN=token)
+        cluster = self._cluster(ray_token_head, tmp_path, mode="token", token_env="SFTC_TEST_TOKEN")
+        out = tmp_path / "run"
+        args = ["submit", "jobs/smoke.yaml", "train.max_steps=2", f"output_uri={out}", "--follow"]
+        result = run_cli([*args, "--cluster", str(cluster)], env)
+        _ok(result)
+        assert "SUCCEEDED" in result.stdout
+        assert token not in result.stdout + result.stderr
+        job_id = _submitted_id(result.stdout)
+        info = JobSubmissionClient(ray_token_head.address, headers=ray_token_head.headers()).get_job_info(job_id)
+        assert token not in json.dumps(info.runtime_env) + json.dumps(info.metadata or {})
+        for path in [*out.rglob("*.json"), *out.rglob("*.yaml"), *(tmp_path / "state").rglob("*")]:
+            if path.is_file():
+                assert token not in path.read_text(errors="replace"), path
+        # From a token file as well.
+        token_file = tmp_path / "token"
+        token_file.write_text(token + "\n")
+        from_file = self._cluster(ray_token_head, tmp_path, mode="token", token_file=str(token_file))
+        assert job_id in _ok(run_cli(["list", "--cluster", str(from_file)], {**env, "COLUMNS": "250"}))
