@@ -171,6 +171,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     (tmp / "s3").mkdir()
     with seaweedfs(tmp / "s3") as server:
+        os.environ.update(server.env())  # credentials from the environment, as for users
         commit_s, put_s = commit_vs_put(server, tmp, args.state_mb)
         model = bigger_model(tmp)
         async_stall, step_s = stall(server, tmp, model, asynchronous=True)

@@ -11,7 +11,7 @@ Writes, deterministically (the same bytes on every run with the pinned library v
   start with a system message; one of them ("Be excited!") makes every answer end
   in "!" instead. ~30% have 2 or 3 turns. Every conversation is under 70 tokens.
   The 0.37M-parameter ``tiny-llama`` learns the lookups within 150 steps (batch
-  8 x 256 packed tokens, lr 1e-3): the assistant-only loss falls from ~6 to ~1.
+  8 x 256 packed tokens, lr 1e-3): the assistant-only loss falls from ~6 to ~0.9.
 - ``tiny-chatml/``: a byte-level BPE tokenizer (GPT-2 pre-tokenization, as Qwen2)
   trained on that data, with ``<|endoftext|>`` (pad), ``<|im_start|>`` and
   ``<|im_end|>`` (eos), and a ChatML chat template whose assistant turns (content

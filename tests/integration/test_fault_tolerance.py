@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     proc = _start(out, env)
     _wait_for(out / "checkpoints" / "step-00000010" / "COMMITTED", proc)
     proc.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)  # a second signal while it saves changes nothing
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 75, output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -133,12 +136,49 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "COMMITTED").exists()
     assert "stop requested" in output
 
-    resumed = run_cli(["resume", str(out)], env)
+    # Portable: a run started by `run` (Ray) resumes under plain torchrun, as sbatch runs it.
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "sft_cluster.train",
+            str(out / "job.yaml"),
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from"] == [stopped_at]
+    assert summary["launcher"] == "torchrun"
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
     assert _max_weight_diff(out, baseline) <= 1e-6
+
+
+def test_killed_driver_then_resume_command(workdir, baseline):
+    tmp, env = workdir
+    out = tmp / "driver-killed"
+    proc = _start(out, env)
+    _wait_for(out / "checkpoints" / "step-00000020" / "COMMITTED", proc)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()  # SIGKILL: no cleanup code of ours runs
+    proc.wait()
+    resumed = run_cli(["resume", str(out)], env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"][0] >= 20
+    assert _max_weight_diff(out, baseline) <= 1e-6
+    # Ray's own processes of the killed run did not outlive it.
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [p.cmdline()[:3] for p in alive]
 
 
 def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):

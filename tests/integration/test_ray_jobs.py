@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 from tests.fixtures.ray_head import RAY, RayHead, free_ports, ray_head, ray_token_head  # noqa: F401
+from tests.fixtures.s3 import s3_server  # noqa: F401
 
 SMOKE = ["jobs/smoke.yaml", "train.max_steps=20", "resources.num_workers=2", "checkpoint.every_n_steps=10"]
 
@@ -82,7 +83,9 @@ def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  #
     before = len(JobSubmissionClient(ray_head.address).list_jobs())
     secret = "s3cr3t-value-never-printed"
     env = {**env, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": "http://u:pw@127.0.0.1:9"}
-    result = run_cli(["submit", *SMOKE, f"output_uri={tmp / 'dry'}", "--cluster", str(cluster), "--dry-run"], env)
+    result = run_cli(
+        ["submit", *SMOKE, f"output_uri={tmp / 'dry'}", "--cluster", str(cluster), "--dry-run"], env
+    )
     text = _ok(result)
     assert "python -m sft_cluster.driver --job-env SFT_CLUSTER_JOB_YAML" in text
     request = json.loads(text[text.index("{") : text.index("\n}\n") + 2])
@@ -143,7 +146,9 @@ def test_status_ours_and_rays(smoke, work, ray_head: RayHead):  # noqa: F811
 def test_unknown_job_id(work):
     _, cluster, env = work
     for verb in ("status", "logs", "stop"):
-        _user_error(run_cli([verb, "raysubmit_nope", "--cluster", str(cluster)], env), "no job 'raysubmit_nope'")
+        _user_error(
+            run_cli([verb, "raysubmit_nope", "--cluster", str(cluster)], env), "no job 'raysubmit_nope'"
+        )
 
 
 def test_unreachable_address(work, tmp_path):
@@ -169,6 +174,42 @@ def test_failing_job_is_failed_with_its_error(work):
     assert "exit code 1" in status.stdout
     logs = _ok(run_cli(["logs", job_id], env))
     assert "sftc-not-writable" in logs and ("Error" in logs or "error" in logs)
+
+
+def test_s3_data_and_output_and_resume_on_resubmit(work, s3_server):  # noqa: F811
+    """Credentials reach the job only through pass_env (the head's environment has none)."""
+    _, cluster, env = work
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    client.upload_file(str(REPO / "sft_cluster/assets/smoke-chat.jsonl"), bucket, "data/chat.jsonl")
+    env = {**env, **s3_server.env()}
+    uri = f"s3://{bucket}/runs/rj"
+    common = [
+        "submit",
+        "jobs/smoke.yaml",
+        f"output_uri={uri}",
+        f"storage.endpoint_url={s3_server.endpoint}",
+        f"data.sources=[{{uri: 's3://{bucket}/data/chat.jsonl'}}]",
+        "checkpoint.every_n_steps=10",
+        "tracking=none",
+        "--cluster",
+        str(cluster),
+        "--follow",
+    ]
+
+    def summary() -> dict:
+        return json.loads(client.get_object(Bucket=bucket, Key="runs/rj/summary.json")["Body"].read())
+
+    first = run_cli([*common, "train.max_steps=10"], env)
+    assert "SUCCEEDED" in _ok(first)
+    assert summary()["status"] == "completed"
+    second = run_cli([*common, "train.max_steps=20"], env)
+    assert "SUCCEEDED" in _ok(second)
+    assert summary()["resumed_from"] == [10] and summary()["steps"] == 20
+    for result in (first, second):
+        assert s3_server.secret_key not in result.stdout + result.stderr
+    job_yaml = client.get_object(Bucket=bucket, Key="runs/rj/job.yaml")["Body"].read().decode()
+    assert s3_server.secret_key not in job_yaml
 
 
 def test_stop_a_running_job(work):
@@ -211,7 +252,9 @@ class TestTokenAuth:
         assert "SUCCEEDED" in result.stdout
         assert token not in result.stdout + result.stderr
         job_id = _submitted_id(result.stdout)
-        info = JobSubmissionClient(ray_token_head.address, headers=ray_token_head.headers()).get_job_info(job_id)
+        info = JobSubmissionClient(ray_token_head.address, headers=ray_token_head.headers()).get_job_info(
+            job_id
+        )
         assert token not in json.dumps(info.runtime_env) + json.dumps(info.metadata or {})
         for path in [*out.rglob("*.json"), *out.rglob("*.yaml"), *(tmp_path / "state").rglob("*")]:
             if path.is_file():

@@ -1,0 +1,48 @@
+"""``torchrun`` for the Slurm template: the same launcher, two differences.
+
+- The agent ignores the preemption signal (``--ignore-signal USR1``). Slurm
+  delivers a step's signals to every process of the step; the workers turn it
+  into a checkpoint-and-stop, while an agent left at the default action would
+  die and take the workers with it. Workers inherit the ignored disposition
+  until they install their own handler at start-up.
+- When every failed worker exited with the preemption code (75), the agent
+  exits 75 too, instead of torchrun's generic 1, so the batch script requeues.
+
+Usage: ``python -m sft_cluster.launch.slurm_torchrun [--ignore-signal SIG] TORCHRUN_ARGS...``
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from sft_cluster.exitcodes import PREEMPTED
+
+
+def _signal(name: str) -> signal.Signals:
+    name = name.upper()
+    if name.isdigit():
+        return signal.Signals(int(name))
+    return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    while args and args[0].startswith("--ignore-signal"):
+        option = args.pop(0)
+        name = option.split("=", 1)[1] if "=" in option else args.pop(0)
+        signal.signal(_signal(name), signal.SIG_IGN)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
+        return PREEMPTED if codes == {PREEMPTED} else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
