@@ -12,7 +12,7 @@ PYTEST_ARGS    ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM   := false
 
-.PHONY: run test venv lint clean assets
+.PHONY: run test venv lint clean assets slurm-services slurm-services-down
 
 venv: $(STAMP)
 
@@ -26,12 +26,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/sft-cluster run jobs/smoke.yaml
 
-test: $(STAMP)
+test: $(STAMP) slurm-services
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# A real single-node (+ fake two-node) Slurm for tests/integration/test_slurm.py: installs
+# slurm-wlm + munge with apt when missing (root), starts munged/slurmctld/slurmd; idempotent.
+slurm-services:
+	bash scripts/slurm_services.sh up
+
+slurm-services-down:
+	bash scripts/slurm_services.sh down
 
 assets: $(STAMP)
 	$(BIN)/python scripts/make_assets.py

@@ -18,6 +18,7 @@ then the job-completion log or ``scontrol show job`` where accounting is off.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -118,8 +119,10 @@ def sbatch_options(job: JobSpec, cluster: SlurmCluster, log_path: str, workdir: 
             options.append(f"--{flag}={value}")
     if cluster.gpus_per_node:
         options.append(f"--gpus-per-node={cluster.gpus_per_node}")
-    if cluster.cpus_per_task:
-        options.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    # One task per node holds the node's workers (Ray or torchrun): their CPUs by default.
+    per_node = -(-job.resources.num_workers // nodes)
+    cpus = cluster.cpus_per_task or max(1, math.ceil(per_node * job.resources.cpus_per_worker))
+    options.append(f"--cpus-per-task={cpus}")
     if cluster.mem:
         options.append(f"--mem={cluster.mem}")
     options.append(f"--time={cluster.time}")
@@ -190,7 +193,9 @@ def render(
 
 def check_syntax(script: str) -> None:
     """``bash -n``: the script parses (nothing runs)."""
-    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", "-n"], input=script, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise LaunchError(f"the rendered sbatch script does not parse (bash -n): {result.stderr.strip()}")
 
@@ -354,12 +359,16 @@ class SlurmBackend:
         """The job-completion log (``JobCompType=jobcomp/filetxt``), read through ``sacct -c``."""
         if shutil.which("sacct") is None:
             return None
-        result = _run(["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,JobName,State,Start,End"], "sacct")
+        result = _run(
+            ["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,JobName,State,Start,End"], "sacct"
+        )
         states = [line.split("|") for line in result.stdout.splitlines() if line.startswith(job_id + "|")]
         if result.returncode != 0 or not states:
             return None
         parts = states[-1]  # a requeued job has one line per attempt
-        return JobState(job_id, parts[2].split()[0], name=parts[1], start=_epoch(parts[3]), end=_epoch(parts[4]))
+        return JobState(
+            job_id, parts[2].split()[0], name=parts[1], start=_epoch(parts[3]), end=_epoch(parts[4])
+        )
 
     def status(self, job_id: str) -> JobState:
         self._check_id(job_id)

@@ -1,7 +1,9 @@
 """Ray Jobs against a real head (``ray start --head``, 2 CPUs): submit, watch, stop, fail, auth.
 
 Every command runs the real CLI in a subprocess, as a user would. Tests run in
-file order: one training job at a time on the shared 2-CPU head.
+file order: one training job at a time on the shared 2-CPU head. The main job
+reads its data from and writes its run to the real S3 server (SeaweedFS), with
+the credentials passed only through ``runtime_env.pass_env``.
 """
 
 from __future__ import annotations
@@ -69,11 +71,37 @@ def work(tmp_path_factory, ray_head: RayHead):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def smoke(work):
-    tmp, cluster, env = work
-    out = tmp / "smoke-run"
-    result = run_cli(["submit", *SMOKE, f"output_uri={out}", "--cluster", str(cluster), "--follow"], env)
-    return result, out
+def s3_run(work, s3_server):  # noqa: F811
+    """Data and output on the real S3 server; credentials reach the job only through pass_env."""
+    _, cluster, env = work
+    bucket = s3_server.make_bucket()
+    s3_server.client().upload_file(
+        str(REPO / "sft_cluster/assets/smoke-chat.jsonl"), bucket, "data/chat.jsonl"
+    )
+    args = [
+        "submit",
+        "jobs/smoke.yaml",
+        "resources.num_workers=2",
+        f"output_uri=s3://{bucket}/runs/smoke",
+        f"storage.endpoint_url={s3_server.endpoint}",
+        f"data.sources=[{{uri: 's3://{bucket}/data/chat.jsonl'}}]",
+        "checkpoint.every_n_steps=10",
+        "tracking=none",
+        "--cluster",
+        str(cluster),
+        "--follow",
+    ]
+    return args, {**env, **s3_server.env()}, bucket
+
+
+@pytest.fixture(scope="module")
+def smoke(s3_run):
+    args, env, bucket = s3_run
+    return run_cli([*args, "train.max_steps=10"], env), bucket
+
+
+def _s3_text(s3_server, bucket: str, key: str) -> str:  # noqa: F811
+    return s3_server.client().get_object(Bucket=bucket, Key=f"runs/smoke/{key}")["Body"].read().decode()
 
 
 def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  # noqa: F811
@@ -103,22 +131,26 @@ def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  #
     assert not (tmp / "dry").exists()
 
 
-def test_submit_follow_succeeds(smoke):
-    result, out = smoke
+def test_submit_follow_succeeds(smoke, s3_server):  # noqa: F811
+    result, bucket = smoke
     text = _ok(result)
-    assert "output_uri: " + str(out) in text.replace("\n", "")
-    assert "step 20/20" in text
+    assert f"output_uri: s3://{bucket}/runs/smoke" in text.replace("\n", "")
+    assert "step 10/10" in text
     assert "SUCCEEDED" in text
+    assert s3_server.secret_key not in result.stdout + result.stderr
 
 
-def test_run_directory_on_the_cluster(smoke):
-    _, out = smoke
-    summary = json.loads((out / "summary.json").read_text())
+def test_run_directory_on_the_cluster(smoke, s3_server):  # noqa: F811
+    _, bucket = smoke
+    summary = json.loads(_s3_text(s3_server, bucket, "summary.json"))
     assert summary["status"] == "completed"
-    assert summary["steps"] == 20
+    assert summary["steps"] == 10
     assert summary["world_size"] == 2
-    assert (out / "final").is_dir() and any((out / "final").iterdir())
-    assert (out / "job.yaml").read_text().count("max_steps: 20") == 1
+    keys = s3_server.keys(bucket, "runs/smoke/final/")
+    assert "runs/smoke/final/model.safetensors" in keys
+    job_yaml = _s3_text(s3_server, bucket, "job.yaml")
+    assert "max_steps: 10" in job_yaml
+    assert s3_server.secret_key not in job_yaml
 
 
 def test_status_ours_and_rays(smoke, work, ray_head: RayHead):  # noqa: F811
@@ -140,7 +172,7 @@ def test_status_ours_and_rays(smoke, work, ray_head: RayHead):  # noqa: F811
     listing = _ok(run_cli(["list", "--cluster", str(cluster)], {**env, "COLUMNS": "250"}))
     row = next(line for line in listing.splitlines() if job_id in line)
     assert "smoke" in row and "SUCCEEDED" in row
-    assert "step 20/20" in _ok(run_cli(["logs", job_id], env))
+    assert "step 10/10" in _ok(run_cli(["logs", job_id], env))
 
 
 def test_unknown_job_id(work):
@@ -176,40 +208,12 @@ def test_failing_job_is_failed_with_its_error(work):
     assert "sftc-not-writable" in logs and ("Error" in logs or "error" in logs)
 
 
-def test_s3_data_and_output_and_resume_on_resubmit(work, s3_server):  # noqa: F811
-    """Credentials reach the job only through pass_env (the head's environment has none)."""
-    _, cluster, env = work
-    bucket = s3_server.make_bucket()
-    client = s3_server.client()
-    client.upload_file(str(REPO / "sft_cluster/assets/smoke-chat.jsonl"), bucket, "data/chat.jsonl")
-    env = {**env, **s3_server.env()}
-    uri = f"s3://{bucket}/runs/rj"
-    common = [
-        "submit",
-        "jobs/smoke.yaml",
-        f"output_uri={uri}",
-        f"storage.endpoint_url={s3_server.endpoint}",
-        f"data.sources=[{{uri: 's3://{bucket}/data/chat.jsonl'}}]",
-        "checkpoint.every_n_steps=10",
-        "tracking=none",
-        "--cluster",
-        str(cluster),
-        "--follow",
-    ]
-
-    def summary() -> dict:
-        return json.loads(client.get_object(Bucket=bucket, Key="runs/rj/summary.json")["Body"].read())
-
-    first = run_cli([*common, "train.max_steps=10"], env)
-    assert "SUCCEEDED" in _ok(first)
-    assert summary()["status"] == "completed"
-    second = run_cli([*common, "train.max_steps=20"], env)
-    assert "SUCCEEDED" in _ok(second)
-    assert summary()["resumed_from"] == [10] and summary()["steps"] == 20
-    for result in (first, second):
-        assert s3_server.secret_key not in result.stdout + result.stderr
-    job_yaml = client.get_object(Bucket=bucket, Key="runs/rj/job.yaml")["Body"].read().decode()
-    assert s3_server.secret_key not in job_yaml
+def test_resubmit_resumes_from_the_newest_checkpoint(smoke, s3_run, s3_server):  # noqa: F811
+    _, bucket = smoke
+    args, env, _ = s3_run
+    assert "SUCCEEDED" in _ok(run_cli([*args, "train.max_steps=20"], env))
+    summary = json.loads(_s3_text(s3_server, bucket, "summary.json"))
+    assert summary["resumed_from"] == [10] and summary["steps"] == 20
 
 
 def test_stop_a_running_job(work):
@@ -250,6 +254,7 @@ class TestTokenAuth:
         result = run_cli([*args, "--cluster", str(cluster)], env)
         _ok(result)
         assert "SUCCEEDED" in result.stdout
+        assert json.loads((out / "summary.json").read_text())["status"] == "completed"  # a local path
         assert token not in result.stdout + result.stderr
         job_id = _submitted_id(result.stdout)
         info = JobSubmissionClient(ray_token_head.address, headers=ray_token_head.headers()).get_job_info(

@@ -1,0 +1,134 @@
+"""`sft-cluster sbatch` on a real Slurm (scripts/slurm_services.sh): both templates,
+preemption -> checkpoint -> requeue -> resume, hostile values, `status`.
+
+One training at a time (2 cores). Weights are compared as in test_fault_tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+from tests.fixtures.slurm import SlurmHarness, scontrol_job
+
+pytestmark = pytest.mark.timeout(1800)
+
+STEPS = 30
+JOB = ["jobs/smoke.yaml", f"train.max_steps={STEPS}", "checkpoint.every_n_steps=10", "tracking=none"]
+LOCAL = "cluster_configs/slurm-local.yaml"
+TORCHRUN = "cluster_configs/slurm-local-torchrun.yaml"
+TWO_NODES = "cluster_configs/slurm-local-2node.yaml"
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def ray_baseline(slurm: SlurmHarness) -> Path:
+    """The smoke job through the Ray template, uninterrupted, to COMPLETED."""
+    out = slurm.tmp / "ray-baseline"
+    job_id = slurm.sbatch(*JOB, "--cluster", LOCAL, f"output_uri={out}")
+    slurm.wait(job_id, {"COMPLETED"})
+    assert "COMPLETED" in slurm.status(job_id)
+    return out
+
+
+def test_smoke_job_through_ray_template_completes(slurm: SlurmHarness, ray_baseline: Path) -> None:
+    out = ray_baseline
+    assert (out / "final" / "model.safetensors").exists()
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["world_size"] == 2
+    script = (out / "slurm" / "job.sbatch").read_text()
+    assert script.startswith("#!/bin/bash") and "#SBATCH --requeue" in script
+    assert (out / "slurm" / "job.yaml").exists()
+    log = next((out / "slurm").glob("slurm-*.out")).read_text()
+    assert "Ray node(s) joined" in log and "sft-cluster: exit 0" in log
+
+
+def test_torchrun_template_completes(slurm: SlurmHarness) -> None:
+    out = slurm.tmp / "torchrun"
+    job_id = slurm.sbatch(*JOB, "train.max_steps=10", "--cluster", TORCHRUN, f"output_uri={out}")
+    slurm.wait(job_id, {"COMPLETED"})
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["steps"] == 10
+    assert summary["world_size"] == 2
+    assert (out / "final" / "model.safetensors").exists()
+    assert "COMPLETED" in slurm.status(job_id)
+
+
+def _preempt_and_resume(slurm: SlurmHarness, out: Path, cluster: str) -> tuple[str, dict[str, str]]:
+    job_id = slurm.sbatch(*JOB, "--cluster", cluster, f"output_uri={out}")
+    slurm.wait(job_id, {"RUNNING"}, timeout=300)
+    assert "RUNNING" in slurm.status(job_id)
+    committed = out / "checkpoints" / "step-00000010" / "COMMITTED"
+    import time
+
+    deadline = time.monotonic() + 600
+    while not committed.exists():
+        assert time.monotonic() < deadline, "no checkpoint at step 10"
+        assert scontrol_job(job_id).get("JobState") == "RUNNING", scontrol_job(job_id)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    # The script forwards the signal, the workers checkpoint and exit 75, the script requeues.
+    slurm.wait(job_id, {"PENDING", "REQUEUED"}, timeout=600)
+    assert "PENDING" in slurm.status(job_id) or "REQUEUED" in slurm.status(job_id)
+    fields = slurm.wait(job_id, {"COMPLETED"}, timeout=900, release_requeued=True)
+    assert fields.get("Restarts") == "1", fields
+    return job_id, fields
+
+
+def test_preempted_job_requeues_and_resumes_to_identical_weights(
+    slurm: SlurmHarness, ray_baseline: Path
+) -> None:
+    out = slurm.tmp / "preempted"
+    job_id, fields = _preempt_and_resume(slurm, out, LOCAL)
+    log = Path(fields["StdOut"]).read_text()
+    assert "got SIGUSR1" in log
+    assert "requeue 1 of 3" in log
+    assert "sft-cluster: exit 75" in log
+    assert "attempt 2" in log  # SLURM_RESTART_COUNT=1 in the requeued job
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["resumed_from"] and summary["resumed_from"][0] >= 10
+    assert _max_weight_diff(out, ray_baseline) <= 1e-6
+    assert "COMPLETED" in slurm.status(job_id)
+
+
+def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
+    marker = slurm.tmp / "pwned"
+    hostile = f"a'b\"c $(touch {marker}) `touch {marker}`; touch {marker} #"
+    cluster = slurm.tmp / "hostile-cluster.yaml"
+    cluster.write_text(
+        Path(LOCAL).resolve().read_text() if Path(LOCAL).is_absolute() else (Path(__file__).parents[2] / LOCAL).read_text()
+    )
+    with cluster.open("a") as handle:
+        handle.write(f"extra_sbatch:\n  - {json.dumps('--comment=' + hostile)}\n")
+    out = slurm.tmp / hostile.replace("/", "_")
+    # The job name is checked before anything is rendered.
+    rejected = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"name=x$(touch {marker})"], slurm.env)
+    assert rejected.returncode == 2 and "name" in rejected.stderr
+    job_id = slurm.sbatch(*JOB, "train.max_steps=4", "--cluster", str(cluster), f"output_uri={out}")
+    fields = slurm.wait(job_id, {"COMPLETED"})
+    assert not marker.exists(), "a hostile value was executed"
+    assert Path(fields["StdOut"]) == out / "slurm" / f"slurm-{job_id}.out"
+    assert (out / "final" / "model.safetensors").exists()
+    assert not marker.exists()
+
+
+def test_status_of_unknown_job_is_a_clear_error(slurm: SlurmHarness) -> None:
+    result = run_cli(["status", "999999", "--cluster", LOCAL], slurm.env)
+    assert result.returncode == 2
+    assert "unknown Slurm job id '999999'" in result.stderr

@@ -1,0 +1,224 @@
+"""The rendered sbatch scripts: golden files, and hostile values that must stay inert.
+
+Regenerate the golden files after an intended template change with
+``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sft_cluster.launch import LaunchError
+from sft_cluster.launch.slurm import SlurmBackend, render, sbatch_quote
+from sft_cluster.spec import CLUSTER_ADAPTER, load_job
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden"
+HOSTILE = "a'b\"c $(touch /tmp/pwned) `touch /tmp/pwned` ; touch /tmp/pwned #"
+
+
+def _job(*overrides: str):
+    return load_job(REPO / "jobs" / "smoke.yaml", ["output_uri=/shared/runs/smoke", *overrides])
+
+
+def _cluster(**fields):
+    return CLUSTER_ADAPTER.validate_python({"kind": "slurm", **fields})
+
+
+H100 = {
+    "partition": "gpu",
+    "account": "proj-1",
+    "qos": "high",
+    "gpus_per_node": 8,
+    "cpus_per_task": 96,
+    "mem": "0",
+    "time": "2-00:00:00",
+    "constraint": "h100&ib",
+    "exclusive": True,
+    "extra_sbatch": ["--mail-type=END,FAIL", "--comment=sft run"],
+    "modules": ["cuda/12.4", "nccl"],
+    "setup": "source /shared/venvs/sft/bin/activate",
+    "container": {
+        "kind": "pyxis",
+        "image": "nvcr.io#nvidia/pytorch:25.01-py3",
+        "mounts": ["/shared:/shared"],
+    },
+    "signal": "B:USR1@300",
+    "max_requeues": 5,
+}
+
+CASES = {
+    "ray-local": (_cluster(partition="debug", nodes=1, time="00:30:00"), ()),
+    "torchrun-local": (_cluster(partition="debug", nodes=1, launcher="torchrun"), ()),
+    "ray-h100": (
+        _cluster(**H100),
+        ("resources.num_workers=16", "resources.gpus_per_worker=1", "output_uri=s3://bucket/runs/qwen"),
+    ),
+    "torchrun-apptainer": (
+        _cluster(
+            **{**H100, "launcher": "torchrun", "container": {"kind": "apptainer", "image": "/shared/sft.sif"}}
+        ),
+        ("resources.num_workers=16", "resources.gpus_per_worker=1"),
+    ),
+}
+
+
+def _render(name: str) -> str:
+    cluster, overrides = CASES[name]
+    return render(_job(*overrides), cluster, run_dir="/shared/runs/smoke/slurm", workdir="/home/me/sft")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_script_matches_golden_file(name: str) -> None:
+    script = _render(name)
+    golden = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("SFTC_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert golden.exists(), f"missing {golden}: run with SFTC_UPDATE_GOLDEN=1 once and review it"
+    assert script == golden.read_text(), f"{name}: rendered script differs from {golden}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_script_parses(name: str) -> None:
+    result = subprocess.run(["bash", "-n"], input=_render(name), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cluster_fields_become_sbatch_lines() -> None:
+    lines = [line for line in _render("ray-h100").splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=2" in lines  # 16 workers / (8 GPUs a node / 1 GPU a worker)
+    for expected in (
+        "--partition=gpu",
+        "--account=proj-1",
+        "--qos=high",
+        "--gpus-per-node=8",
+        "--cpus-per-task=96",
+        "--mem=0",
+        "--time=2-00:00:00",
+        '"--constraint=h100&ib"',
+        "--exclusive",
+        "--signal=B:USR1@300",
+        "--requeue",
+        "--open-mode=append",
+        "--mail-type=END,FAIL",
+        '"--comment=sft run"',
+    ):
+        assert f"#SBATCH {expected}" in lines, expected
+    script = _render("ray-h100")
+    assert "module load cuda/12.4\nmodule load nccl\n" in script
+    assert "\nsource /shared/venvs/sft/bin/activate\n" in script
+    assert "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'" in script
+    assert "MAX_REQUEUES=5" in script
+
+
+def test_torchrun_line() -> None:
+    script = _render("torchrun-apptainer")
+    assert "-m sft_cluster.launch.slurm_torchrun" in script
+    assert "--nnodes=2 --nproc-per-node=8" in script
+    assert '--rdzv-backend=c10d --rdzv-endpoint="$rdzv_endpoint"' in script
+    assert "container_exec=(apptainer exec --pwd /home/me/sft /shared/sft.sif)" in script
+
+
+def _hostile_render(tmp_path: Path) -> str:
+    cluster = _cluster(
+        partition="debug",
+        constraint=HOSTILE,
+        extra_sbatch=[f"--comment={HOSTILE}"],
+        modules=[HOSTILE],
+        container={"kind": "apptainer", "image": HOSTILE, "mounts": [HOSTILE]},
+    )
+    out = tmp_path / HOSTILE.replace("/", "_")
+    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={out}"])
+    return render(job, cluster, run_dir=str(out / "slurm"), workdir=str(tmp_path / HOSTILE.replace("/", "_")))
+
+
+def test_hostile_values_are_quoted(tmp_path: Path) -> None:
+    script = _hostile_render(tmp_path)
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for line in script.splitlines():
+        if "touch /tmp/pwned" in line:
+            # inside single quotes (shell) or double quotes (#SBATCH): never bare
+            assert "'" in line or line.startswith('#SBATCH "'), line
+
+
+def test_hostile_values_run_inert(tmp_path: Path) -> None:
+    """Execute every assignment and `module load` line of the hostile script: nothing runs."""
+    marker = tmp_path / "pwned"
+    script = _hostile_render(tmp_path).replace("/tmp/pwned", str(marker))
+    lines = [
+        line
+        for line in script.splitlines()
+        if re.match(r"(RUN_DIR|JOB_YAML|OUTPUT_URI|PYTHON|container_args|container_exec)=", line)
+        or line.startswith("module load ")
+    ]
+    assert any("container_exec=(" in line for line in lines)
+    probe = "\n".join(
+        [
+            "module() { printf 'module %s\\n' \"$*\"; }",
+            *lines,
+            'printf "%s\\n" "$OUTPUT_URI" "${container_exec[@]}"',
+        ]
+    )
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), "a hostile value executed"
+    assert str(marker).replace(str(marker), str(marker)) in result.stdout  # the literal text came through
+    assert HOSTILE.replace("/tmp/pwned", str(marker)) in result.stdout
+
+
+def test_sbatch_quote_follows_sbatch_parser() -> None:
+    assert sbatch_quote("--time=01:00:00") == "--time=01:00:00"
+    assert sbatch_quote('--comment=a "b" c\\d') == '"--comment=a \\"b\\" c\\\\d"'
+    with pytest.raises(LaunchError):
+        sbatch_quote("--comment=a\nb")
+
+
+def test_setup_must_be_one_line() -> None:
+    with pytest.raises(LaunchError, match="one shell line"):
+        render(_job(), _cluster(setup="source a\nrm -rf /"), run_dir="/r", workdir="/w")
+
+
+def test_signal_must_be_a_preemption_signal() -> None:
+    with pytest.raises(LaunchError, match="SIGUSR2"):
+        render(_job(), _cluster(signal="B:USR2@60"), run_dir="/r", workdir="/w")
+
+
+def test_torchrun_workers_must_divide_over_nodes() -> None:
+    with pytest.raises(LaunchError, match="does not divide"):
+        render(
+            _job("resources.num_workers=3"),
+            _cluster(nodes=2, launcher="torchrun"),
+            run_dir="/r",
+            workdir="/w",
+        )
+
+
+def test_dry_run_returns_the_script_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={out}"])
+    script = SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job, dry_run=True)
+    assert isinstance(script, str) and script.startswith("#!/bin/bash")
+    assert f"#SBATCH --output={out}/slurm/slurm-%j.out" in script
+    assert not out.exists()
+
+
+def test_secrets_never_reach_the_script(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
+    monkeypatch.setenv("HF_TOKEN", "hf_sekrit_456")
+    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={tmp_path}/run"])
+    script = SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job, dry_run=True)
+    assert "sekrit" not in script
+
+
+def test_sbatch_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={tmp_path}/run"])
+    with pytest.raises(LaunchError, match="'sbatch' not found"):
+        SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job)
