@@ -36,16 +36,16 @@ def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | Non
     owned = temp_dir is None
     # Ray's socket paths must stay short: keep the folder directly under /tmp.
     root = temp_dir or tempfile.mkdtemp(prefix="sftc-ray-", dir="/tmp")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _temp_dir=root,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        runtime_env=runtime_env,
-    )
     try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=root,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env=runtime_env,
+        )
         yield
     finally:
         ray.shutdown()

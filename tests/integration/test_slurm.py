@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.fixtures.slurm import SlurmHarness, scontrol_job
 
 pytestmark = pytest.mark.timeout(1800)
@@ -74,8 +75,6 @@ def _preempt_and_resume(slurm: SlurmHarness, out: Path, cluster: str) -> tuple[s
     slurm.wait(job_id, {"RUNNING"}, timeout=300)
     assert "RUNNING" in slurm.status(job_id)
     committed = out / "checkpoints" / "step-00000010" / "COMMITTED"
-    import time
-
     deadline = time.monotonic() + 600
     while not committed.exists():
         assert time.monotonic() < deadline, "no checkpoint at step 10"
@@ -111,9 +110,7 @@ def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
     marker = slurm.tmp / "pwned"
     hostile = f"a'b\"c $(touch {marker}) `touch {marker}`; touch {marker} #"
     cluster = slurm.tmp / "hostile-cluster.yaml"
-    cluster.write_text(
-        Path(LOCAL).resolve().read_text() if Path(LOCAL).is_absolute() else (Path(__file__).parents[2] / LOCAL).read_text()
-    )
+    cluster.write_text((REPO / LOCAL).read_text())
     with cluster.open("a") as handle:
         handle.write(f"extra_sbatch:\n  - {json.dumps('--comment=' + hostile)}\n")
     out = slurm.tmp / hostile.replace("/", "_")
@@ -132,3 +129,55 @@ def test_status_of_unknown_job_is_a_clear_error(slurm: SlurmHarness) -> None:
     result = run_cli(["status", "999999", "--cluster", LOCAL], slurm.env)
     assert result.returncode == 2
     assert "unknown Slurm job id '999999'" in result.stderr
+
+
+def _slurm_nodes_of_training(job_id: str, pattern: str, seen: set[str]) -> None:
+    """Add the Slurm node names (SLURMD_NODENAME) of this job's training processes to ``seen``."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if pattern not in " ".join(proc.info["cmdline"] or []):
+                continue
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME"):
+            seen.add(env["SLURMD_NODENAME"])
+
+
+def _run_watching_nodes(slurm: SlurmHarness, job_id: str, pattern: str) -> tuple[set[str], dict[str, str]]:
+    seen: set[str] = set()
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        fields = scontrol_job(job_id)
+        if fields.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            break
+        _slurm_nodes_of_training(job_id, pattern, seen)
+        time.sleep(0.5)
+    return seen, slurm.wait(job_id, {"COMPLETED"}, timeout=60)
+
+
+def test_torchrun_template_on_two_fake_nodes(slurm: SlurmHarness) -> None:
+    out = slurm.tmp / "torchrun-2node"
+    cluster = slurm.tmp / "torchrun-2node.yaml"
+    cluster.write_text((REPO / TWO_NODES).read_text().replace("launcher: ray", "launcher: torchrun"))
+    job_id = slurm.sbatch(*JOB, "train.max_steps=10", "--cluster", str(cluster), f"output_uri={out}")
+    seen, _ = _run_watching_nodes(slurm, job_id, "-m sft_cluster.train")
+    assert seen == {"node1", "node2"}
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+
+
+def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
+    out = slurm.tmp / "ray-2node"
+    # 2 CPUs a worker on 2-CPU nodes: one worker on each node.
+    job_id = slurm.sbatch(
+        *JOB, "train.max_steps=10", "resources.cpus_per_worker=2", "--cluster", TWO_NODES, f"output_uri={out}"
+    )
+    seen, fields = _run_watching_nodes(slurm, job_id, "RayTrainWorker")
+    log = Path(fields["StdOut"]).read_text()
+    assert "2 Ray node(s) joined" in log
+    assert seen == {"node1", "node2"}
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["world_size"] == 2
