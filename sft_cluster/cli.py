@@ -332,6 +332,89 @@ def list_jobs(cluster: ClusterOpt = None) -> None:
     console.print(table)
 
 
+data_app = typer.Typer(help="Look at the training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _conversations_by_source(job: JobSpec):
+    """(source uri, conversations) for each source, with data errors as user errors."""
+    from sft_cluster.data import DataError, load_conversations
+
+    try:
+        for source in job.data.sources:
+            single = job.data.model_copy(update={"sources": [source]})
+            yield source.uri, load_conversations(single, job.storage)
+    except DataError as exc:
+        _fail([str(exc)])
+
+
+@data_app.command("preview")
+def data_preview(
+    job_path: JobArg,
+    overrides: OverridesArg = None,
+    rank: Annotated[int, typer.Option(help="Show what this rank trains on.")] = 0,
+    world_size: Annotated[int, typer.Option(help="Number of ranks the data is split over.")] = 1,
+    n: Annotated[int, typer.Option("-n", help="How many samples.")] = 3,
+) -> None:
+    """Samples as the model sees them: the chat template applied, trained tokens highlighted."""
+    from rich.text import Text
+
+    from sft_cluster.data.inspect import tokenize
+    from sft_cluster.train.model import load_tokenizer
+
+    job, _ = load_checked(job_path, overrides, None)
+    if not 0 <= rank < world_size:
+        _fail([f"--rank {rank} must be in 0..{world_size - 1}"])
+    _check_data(job_path, job)
+    tokenizer = load_tokenizer(job.model)
+    conversations = [c for _, convs in _conversations_by_source(job) for c in convs][rank::world_size]
+    for index, conversation in enumerate(conversations[:n]):
+        ids, mask = tokenize(tokenizer, conversation)
+        text = Text()
+        for token, trained in zip(ids, mask, strict=True):
+            text.append(tokenizer.decode([token]), style="bold green" if trained else "dim")
+        console.rule(f"sample {index * world_size + rank}: {len(ids)} tokens, {sum(mask)} trained (green)")
+        console.print(text)
+
+
+@data_app.command("stats")
+def data_stats(job_path: JobArg, overrides: OverridesArg = None) -> None:
+    """Samples, tokens, over-length conversations and packing efficiency, per source."""
+    from sft_cluster.data.inspect import SourceStats, tokenize
+    from sft_cluster.train.model import load_tokenizer
+
+    job, _ = load_checked(job_path, overrides, None)
+    _check_data(job_path, job)
+    tokenizer = load_tokenizer(job.model)
+    max_len, policy = job.data.max_seq_len, job.data.truncation
+    table = Table("source", "samples", "tokens", "trained", f"> {max_len} ({policy})", "packing efficiency")
+    total = SourceStats()
+    for uri, conversations in _conversations_by_source(job):
+        stats = SourceStats()
+        for conversation in conversations:
+            ids, mask = tokenize(tokenizer, conversation)
+            stats.add(ids, mask, max_len)
+            total.add(ids, mask, max_len)
+        table.add_row(
+            uri,
+            f"{stats.samples:,}",
+            f"{stats.tokens:,}",
+            f"{stats.trained_tokens:,}",
+            f"{stats.over_length:,}",
+            f"{stats.packing_efficiency(max_len, policy):.3f}",
+        )
+    table.add_row(
+        "all",
+        f"{total.samples:,}",
+        f"{total.tokens:,}",
+        f"{total.trained_tokens:,}",
+        f"{total.over_length:,}",
+        f"{total.packing_efficiency(max_len, policy):.3f}",
+        style="bold",
+    )
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()

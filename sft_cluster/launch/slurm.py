@@ -381,15 +381,16 @@ class SlurmBackend:
     # --- logs, stop, list ----------------------------------------------------------
 
     def _log_path(self, job_id: str) -> Path:
-        result = _run(["scontrol", "-o", "show", "job", job_id], "scontrol")
-        match = re.search(r"\bStdOut=(\S+)", result.stdout)
-        if match:
-            return Path(match.group(1))
         from sft_cluster.launch import registry
 
         known = registry.find(job_id)
-        if known is not None and known.extra.get("log"):
+        if known is not None and known.backend == self.kind and known.extra.get("log"):
             return Path(known.extra["log"])
+        result = _run(["scontrol", "-o", "show", "job", job_id], "scontrol")
+        # The path may hold spaces: it runs up to the next " Key=" field.
+        match = re.search(r"\bStdOut=(.*?)(?= [A-Za-z]+=|$)", result.stdout.strip())
+        if match:
+            return Path(match.group(1))
         raise LaunchError(f"no log known for Slurm job '{job_id}' (not in scontrol, not submitted from here)")
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:

@@ -59,15 +59,23 @@ def test_smoke_job_through_ray_template_completes(slurm: SlurmHarness, ray_basel
     assert "Ray node(s) joined" in log and "sft-cluster: exit 0" in log
 
 
-def test_torchrun_template_completes(slurm: SlurmHarness) -> None:
+@pytest.fixture(scope="module")
+def torchrun_baseline(slurm: SlurmHarness) -> Path:
+    """The smoke job through the torchrun template, uninterrupted."""
     out = slurm.tmp / "torchrun"
-    job_id = slurm.sbatch(*JOB, "train.max_steps=10", "--cluster", TORCHRUN, f"output_uri={out}")
+    job_id = slurm.sbatch(*JOB, "--cluster", TORCHRUN, f"output_uri={out}")
     slurm.wait(job_id, {"COMPLETED"})
-    summary = _summary(out)
-    assert summary["status"] == "completed" and summary["steps"] == 10
-    assert summary["world_size"] == 2
-    assert (out / "final" / "model.safetensors").exists()
     assert "COMPLETED" in slurm.status(job_id)
+    return out
+
+
+def test_torchrun_template_completes(slurm: SlurmHarness, torchrun_baseline: Path) -> None:
+    summary = _summary(torchrun_baseline)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["world_size"] == 2 and summary["launcher"] == "torchrun"
+    assert (torchrun_baseline / "final" / "model.safetensors").exists()
+    script = (torchrun_baseline / "slurm" / "job.sbatch").read_text()
+    assert "--rdzv-backend=c10d" in script
 
 
 def _preempt_and_resume(slurm: SlurmHarness, out: Path, cluster: str) -> tuple[str, dict[str, str]]:
@@ -106,6 +114,18 @@ def test_preempted_job_requeues_and_resumes_to_identical_weights(
     assert "COMPLETED" in slurm.status(job_id)
 
 
+def test_preempted_torchrun_job_requeues_and_resumes_to_identical_weights(
+    slurm: SlurmHarness, torchrun_baseline: Path
+) -> None:
+    out = slurm.tmp / "torchrun-preempted"
+    _job_id, fields = _preempt_and_resume(slurm, out, TORCHRUN)
+    log = Path(fields["StdOut"]).read_text()
+    assert "got SIGUSR1" in log and "requeue 1 of 3" in log and "attempt 2" in log
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert _max_weight_diff(out, torchrun_baseline) <= 1e-6
+
+
 def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
     marker = slurm.tmp / "pwned"
     hostile = f"a'b\"c $(touch {marker}) `touch {marker}`; touch {marker} #"
@@ -118,9 +138,12 @@ def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
     rejected = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"name=x$(touch {marker})"], slurm.env)
     assert rejected.returncode == 2 and "name" in rejected.stderr
     job_id = slurm.sbatch(*JOB, "train.max_steps=4", "--cluster", str(cluster), f"output_uri={out}")
-    fields = slurm.wait(job_id, {"COMPLETED"})
+    slurm.wait(job_id, {"COMPLETED"})
     assert not marker.exists(), "a hostile value was executed"
-    assert Path(fields["StdOut"]) == out / "slurm" / f"slurm-{job_id}.out"
+    log = out / "slurm" / f"slurm-{job_id}.out"  # sbatch read the quoted --output path exactly
+    assert "sft-cluster: exit 0" in log.read_text()
+    logs = run_cli(["logs", job_id], slurm.env)
+    assert logs.returncode == 0 and "sft-cluster: exit 0" in logs.stdout, logs.stderr
     assert (out / "final" / "model.safetensors").exists()
     assert not marker.exists()
 
