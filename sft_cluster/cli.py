@@ -66,6 +66,22 @@ def load_checked(
     return job, cluster
 
 
+def _check_supported(job_path: Path, job: JobSpec) -> None:
+    """Options the spec accepts (recipes validate) but this version cannot run yet.
+
+    Refused before launch: training them as plain DDP would be a silent lie.
+    """
+    problems = []
+    if job.strategy.kind != "ddp":
+        problems.append(
+            f"strategy.kind = '{job.strategy.kind}': not supported by this version yet; use 'ddp'"
+        )
+    if job.strategy.lora is not None:
+        problems.append("strategy.lora: LoRA is not supported by this version yet; remove the lora block")
+    if problems:
+        _fail([f"{job_path}: {p}" for p in problems])
+
+
 def _check_data(job_path: Path, job: JobSpec) -> None:
     from sft_cluster.data import check_sources
 
@@ -117,6 +133,7 @@ def _run_here(
                 "(use 'submit' for Ray or 'sbatch' for Slurm)"
             ]
         )
+    _check_supported(job_path, job)
     job = anchor_local_paths(job)
     _check_data(job_path, job)
     if dry_run:
@@ -190,6 +207,7 @@ def _remote(job_path: Path, overrides: list[str] | None, cluster: Path | None, k
     if cluster_spec.kind != kind:
         verb = {"ray": "submit", "slurm": "sbatch", "local": "run"}[cluster_spec.kind]
         _fail([f"{cluster}: kind is '{cluster_spec.kind}', not '{kind}' (use 'sft-cluster {verb}')"])
+    _check_supported(job_path, job)
     try:
         outcome = get_backend(cluster_spec, str(cluster)).submit(job, dry_run=dry_run)
     except LaunchError as exc:

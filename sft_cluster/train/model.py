@@ -22,8 +22,12 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(model: ModelSpec, seed: int, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    """Load weights, or initialise them from the config with ``seed`` (same on every rank)."""
+def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
+    """Load weights, or initialise them from the config with ``seed`` (same on every rank).
+
+    Weights are fp32 (the master copy); mixed precision autocasts the compute.
+    """
+    dtype = torch.float32
     path = _resolve(model.name_or_path)
     common = {"trust_remote_code": model.trust_remote_code}
     if model.from_config:

@@ -13,7 +13,6 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +33,16 @@ from sft_cluster.train.model import build_model, load_tokenizer
 from sft_cluster.train.progress import LogSink, ProgressSink
 
 
-@dataclass(frozen=True)
-class Precision:
-    dtype: torch.dtype
-    bf16: bool
-    fp16: bool
+def resolve_precision(job: JobSpec, on_gpu: bool) -> str:
+    """``auto`` is bf16 on a GPU that has it and fp32 otherwise.
 
-
-def resolve_precision(job: JobSpec, on_gpu: bool) -> Precision:
-    """``auto`` is bf16 on a GPU that has it and fp32 otherwise."""
+    bf16/fp16 are mixed precision: weights and optimizer state stay fp32 and
+    the Trainer autocasts the compute.
+    """
     choice = job.strategy.precision
     if choice == "auto":
         choice = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-    if choice == "bf16":
-        return Precision(torch.bfloat16, bf16=True, fp16=False)
-    if choice == "fp16":
-        return Precision(torch.float32, bf16=False, fp16=True)
-    return Precision(torch.float32, bf16=False, fp16=False)
+    return choice
 
 
 class _RecordingCollator:
@@ -68,7 +60,7 @@ class _RecordingCollator:
         return batch
 
 
-def _sft_config(job: JobSpec, output_dir: str, precision: Precision, on_gpu: bool) -> SFTConfig:
+def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool) -> SFTConfig:
     train, data = job.train, job.data
     return SFTConfig(
         output_dir=output_dir,
@@ -90,8 +82,8 @@ def _sft_config(job: JobSpec, output_dir: str, precision: Precision, on_gpu: boo
         log_level="warning",
         # Without use_cpu a CPU rank trains alone even inside a process group.
         use_cpu=not on_gpu,
-        bf16=precision.bf16,
-        fp16=precision.fp16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         gradient_checkpointing=job.strategy.activation_checkpointing,
@@ -129,7 +121,7 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
     conversations = load_conversations(job.data, job.storage)
     train_dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
     args = _sft_config(job, str(staging / "trainer"), precision, on_gpu)
-    model = build_model(job.model, job.train.seed, precision.dtype)
+    model = build_model(job.model, job.train.seed)
     rank, world_size = _world()  # the SFTConfig above set up distributed state
     store = CheckpointStore(run.uri, run.options)
     resume_step = None

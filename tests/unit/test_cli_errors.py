@@ -121,3 +121,13 @@ def test_run_refuses_a_remote_cluster_file(tmp_path, isolated_env):
     cluster.write_text("kind: ray\naddress: http://127.0.0.1:8265\n")
     result = run_cli(["run", _job(tmp_path, VALID), "--cluster", str(cluster)], isolated_env)
     _expect_error(result, "'run' needs a cluster of kind 'local'")
+
+
+def test_strategies_not_built_yet_are_refused_not_silently_run_as_ddp(tmp_path, isolated_env):
+    path = _job(tmp_path, VALID + "strategy: {kind: deepspeed, lora: {r: 8}}\n")
+    assert run_cli(["validate", path], isolated_env).returncode == 0
+    _expect_error(
+        run_cli(["run", path], isolated_env),
+        "strategy.kind = 'deepspeed': not supported by this version yet",
+        "strategy.lora: LoRA is not supported",
+    )
