@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,7 +178,8 @@ def run_training(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=job.name,
+            # Unique per attempt: Ray Train would treat a reused name as its own resume.
+            name=f"{job.name}-{uuid.uuid4().hex[:8]}",
             storage_path=os.path.join(tempfile.gettempdir(), "sft-cluster", "ray-train"),
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
             callbacks=[RestartNotice(channel)],
