@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main() -> None:
                 )
     finally:
         stop_ray_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def median(which: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[which])

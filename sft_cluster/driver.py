@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         args.job = handle.name
     if not args.job:
         parser.error("give JOB_YAML or --job-env VAR")
-    job = load_job(args.job)
+    try:
+        job = load_job(args.job)
+    finally:
+        if args.job_env:
+            os.unlink(args.job)
     ray.init(address="auto", log_to_driver=False, runtime_env=ray_worker_runtime_env(job))
     summary = run_training(job, Console(), verify_fast=args.fast)
     return exitcodes.for_status(summary["status"])

@@ -5,8 +5,12 @@
   into a checkpoint-and-stop, while an agent left at the default action would
   die and take the workers with it. Workers inherit the ignored disposition
   until they install their own handler at start-up.
-- When every failed worker exited with the preemption code (75), the agent
-  exits 75 too, instead of torchrun's generic 1, so the batch script requeues.
+- When the workers stopped for preemption, the agent exits 75 too, instead of
+  torchrun's generic 1, so the batch script requeues. "Stopped for preemption":
+  at least one worker exited 75 and every other failed worker either exited 75
+  or was ended by the agent's own SIGTERM (torchrun stops the remaining
+  workers as soon as the first one exits non-zero; every rank exits 75 only
+  after the checkpoint of that step is committed, so nothing is lost).
 
 Usage: ``python -m sft_cluster.launch.slurm_torchrun [--ignore-signal SIG] TORCHRUN_ARGS...``
 """
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
-        return PREEMPTED if codes == {PREEMPTED} else 1
+        preempted = PREEMPTED in codes and codes <= {PREEMPTED, -signal.SIGTERM}
+        return PREEMPTED if preempted else 1
     return 0
 
 

@@ -15,7 +15,12 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
+from tests.fixtures import slurm as slurm_fixtures
 from tests.fixtures.slurm import SlurmHarness, scontrol_job
+
+# The fixtures, visible to pytest in this module.
+slurm_services = slurm_fixtures.slurm_services
+slurm = slurm_fixtures.slurm
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -133,7 +138,8 @@ def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
     cluster.write_text((REPO / LOCAL).read_text())
     with cluster.open("a") as handle:
         handle.write(f"extra_sbatch:\n  - {json.dumps('--comment=' + hostile)}\n")
-    out = slurm.tmp / hostile.replace("/", "_")
+    # (no " #" in the path: the KEY=VALUE override parser reads it as a YAML comment)
+    out = slurm.tmp / hostile.removesuffix(" #").replace("/", "_")
     # The job name is checked before anything is rendered.
     rejected = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"name=x$(touch {marker})"], slurm.env)
     assert rejected.returncode == 2 and "name" in rejected.stderr
@@ -146,6 +152,8 @@ def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
     assert logs.returncode == 0 and "sft-cluster: exit 0" in logs.stdout, logs.stderr
     assert (out / "final" / "model.safetensors").exists()
     assert not marker.exists()
+    flat = marker.as_posix().replace("/", "_")  # the path's own "$(touch ...)", run from any cwd
+    assert not list(REPO.glob(f"*{flat}*")) and not (out.parent / flat).exists()
 
 
 def test_status_of_unknown_job_is_a_clear_error(slurm: SlurmHarness) -> None:
@@ -204,3 +212,17 @@ def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
     assert seen == {"node1", "node2"}
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["world_size"] == 2
+
+
+def test_stop_cancels_and_status_and_logs_follow(slurm: SlurmHarness) -> None:
+    out = slurm.tmp / "stopped"
+    job_id = slurm.sbatch(*JOB, "--cluster", LOCAL, f"output_uri={out}")
+    slurm.wait(job_id, {"RUNNING"}, timeout=300)
+    stopped = run_cli(["stop", job_id], slurm.env)
+    assert stopped.returncode == 0 and f"stop requested for {job_id}" in stopped.stdout, stopped.stderr
+    slurm.wait(job_id, {"CANCELLED"}, timeout=120)
+    assert "CANCELLED" in slurm.status(job_id)
+    followed = run_cli(["logs", job_id, "--follow"], slurm.env, timeout=120)
+    assert f"job {job_id} attempt 1" in followed.stdout and f"job {job_id}: CANCELLED" in followed.stdout
+    listed = run_cli(["list"], slurm.env)
+    assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr

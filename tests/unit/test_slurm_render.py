@@ -222,3 +222,55 @@ def test_sbatch_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={tmp_path}/run"])
     with pytest.raises(LaunchError, match="'sbatch' not found"):
         SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job)
+
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))
+print("child ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [("0", True), ("3", False)])
+def test_trap_forwards_the_signal_and_requeues_on_75(tmp_path: Path, restarts: str, requeued: bool) -> None:
+    """The script's own machinery, with a stand-in for the training and for scontrol."""
+    import signal
+    import sys
+    import time
+
+    header = _render("torchrun-local").split("# --- torchrun")[0]
+    header = header.replace("cd /home/me/sft", f"cd {tmp_path}")
+    script = tmp_path / "job.sh"
+    script.write_text(f'{header}\nrun_child {sys.executable} -c "$CHILD"\nfinish\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_RESTART_COUNT": restarts,
+        "CHILD": CHILD,
+    }
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "child ready" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    log = "".join(lines) + out
+    assert proc.returncode == 75, log
+    assert "got SIGUSR1" in log
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
+        assert "requeue 1 of 3" in log
+    else:
+        assert not (tmp_path / "scontrol.args").exists()
+        assert "max_requeues (3) is used up" in log
