@@ -94,7 +94,13 @@ EOF
     done
 }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A live process of the pid file (a zombie left for a parent that never reaps it is not).
+alive() {
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1")
+    kill -0 "$pid" 2>/dev/null && [ "$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+}
 
 start_munge() {
     if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then

@@ -226,3 +226,11 @@ def test_stop_cancels_and_status_and_logs_follow(slurm: SlurmHarness) -> None:
     assert f"job {job_id} attempt 1" in followed.stdout and f"job {job_id}: CANCELLED" in followed.stdout
     listed = run_cli(["list"], slurm.env)
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+
+
+def test_rejected_submission_is_a_clear_error(slurm: SlurmHarness) -> None:
+    cluster = slurm.tmp / "bad-partition.yaml"
+    cluster.write_text("kind: slurm\npartition: nosuch\n")
+    result = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"output_uri={slurm.tmp}/bad"], slurm.env)
+    assert result.returncode == 2
+    assert "sbatch rejected" in result.stderr and "invalid partition" in result.stderr.lower()
