@@ -38,7 +38,7 @@ def finalize_run(
         "status": status,
         "steps": records[-1]["step"] if records else 0,
         "world_size": reports[0]["world_size"] if reports else None,
-        "nodes": sorted({r["hostname"] for r in reports}),
+        "nodes": sorted({r.get("node", r["hostname"]) for r in reports}),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "tokens": records[-1]["tokens"] if records else 0,

@@ -192,6 +192,8 @@ def _report(
         "rank": rank,
         "world_size": world_size,
         "hostname": socket.gethostname(),
+        # Slurm's node name tells fake (or containerised) nodes on one host apart.
+        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         "pid": os.getpid(),
         "distributed_type": trainer.accelerator.distributed_type.value,
         "model_wrapper": type(trainer.model_wrapped).__name__,

@@ -198,6 +198,7 @@ def test_torchrun_template_on_two_fake_nodes(slurm: SlurmHarness) -> None:
     assert seen == {"node1", "node2"}
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["nodes"] == ["node1", "node2"]
 
 
 def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
@@ -212,6 +213,7 @@ def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
     assert seen == {"node1", "node2"}
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["nodes"] == ["node1", "node2"]
 
 
 def test_stop_cancels_and_status_and_logs_follow(slurm: SlurmHarness) -> None:
