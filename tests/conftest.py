@@ -31,3 +31,12 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Pat
     return subprocess.run(
         [*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between the final weights of two run directories."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from safetensors.torch import load_file
 
-from tests.conftest import CLI, REPO, isolated_environment, run_cli
+from tests.conftest import CLI, REPO, isolated_environment, max_weight_diff, run_cli
 
 STEPS = 60
 JOB = [
@@ -32,12 +31,6 @@ JOB = [
 
 def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def _max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -115,7 +108,7 @@ def test_sigkilled_worker_is_replaced_and_result_is_unchanged(workdir, baseline)
     assert sorted(ours) == list(range(1, STEPS + 1))  # every step logged exactly once
     for step in range(restart + 1, STEPS + 1):
         assert abs(ours[step] - base[step]) <= 1e-6, (step, ours[step], base[step])
-    assert _max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, baseline) <= 1e-6
 
 
 def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, baseline):
@@ -160,7 +153,7 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     assert summary["status"] == "completed" and summary["resumed_from"] == [stopped_at]
     assert summary["launcher"] == "torchrun"
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
-    assert _max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, baseline) <= 1e-6
 
 
 def test_killed_driver_then_resume_command(workdir, baseline):
@@ -175,7 +168,7 @@ def test_killed_driver_then_resume_command(workdir, baseline):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from"][0] >= 20
-    assert _max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, baseline) <= 1e-6
     # Ray's own processes of the killed run did not outlive it.
     _, alive = psutil.wait_procs(started, timeout=60)
     assert not alive, [p.cmdline()[:3] for p in alive]
@@ -196,4 +189,4 @@ def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):
     assert "step-00000050" in log and "no COMMITTED marker" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == [40]
-    assert _max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, baseline) <= 1e-6

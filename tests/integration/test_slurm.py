@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, max_weight_diff, run_cli
 from tests.fixtures import slurm as slurm_fixtures
 from tests.fixtures.slurm import SlurmHarness, scontrol_job
 
@@ -33,12 +32,6 @@ TWO_NODES = "cluster_configs/slurm-local-2node.yaml"
 
 def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
-
-
-def _max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +108,7 @@ def test_preempted_job_requeues_and_resumes_to_identical_weights(
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["steps"] == STEPS
     assert summary["resumed_from"] and summary["resumed_from"][0] >= 10
-    assert _max_weight_diff(out, ray_baseline) <= 1e-6
+    assert max_weight_diff(out, ray_baseline) <= 1e-6
     assert "COMPLETED" in slurm.status(job_id)
 
 
@@ -128,7 +121,7 @@ def test_preempted_torchrun_job_requeues_and_resumes_to_identical_weights(
     assert "got SIGUSR1" in log and "requeue 1 of 3" in log and "attempt 2" in log
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["steps"] == STEPS
-    assert _max_weight_diff(out, torchrun_baseline) <= 1e-6
+    assert max_weight_diff(out, torchrun_baseline) <= 1e-6
 
 
 def test_hostile_values_render_and_run_inert(slurm: SlurmHarness) -> None:
