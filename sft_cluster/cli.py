@@ -164,15 +164,18 @@ def resume(
         text = storage.read_text(job_uri)
     except FileNotFoundError:
         _fail([f"{run_uri}: no job.yaml here; is this a run directory (output_uri)?"])
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(text)
+    try:
+        spec = load_cluster(cluster) if cluster else None
+    except SpecError as exc:
+        _fail(exc.problems)
     pinned = [*(overrides or []), f"output_uri={run_uri}", "checkpoint.resume=auto"]
-    job_path = Path(handle.name)
-    spec = load_cluster(cluster) if cluster else None
-    if spec is None or spec.kind == "local":
-        _run_here(job_path, pinned, cluster, dry_run=False, verify_fast=fast)
-    else:
-        _remote(job_path, pinned, cluster, spec.kind, dry_run=False)
+    with tempfile.TemporaryDirectory(prefix="sftc-resume-") as folder:
+        job_path = Path(folder) / "job.yaml"  # the run's own job, read by the usual loader
+        job_path.write_text(text)
+        if spec is None or spec.kind == "local":
+            _run_here(job_path, pinned, cluster, dry_run=False, verify_fast=fast)
+        else:
+            _remote(job_path, pinned, cluster, spec.kind, dry_run=False)
 
 
 def _print_summary(summary: dict) -> None:

@@ -131,3 +131,13 @@ def test_strategies_not_built_yet_are_refused_not_silently_run_as_ddp(tmp_path, 
         "strategy.kind = 'deepspeed': not supported by this version yet",
         "strategy.lora: LoRA is not supported",
     )
+
+
+def test_resume_names_a_missing_run_and_a_bad_cluster_file(tmp_path, isolated_env):
+    _expect_error(run_cli(["resume", str(tmp_path / "nope")], isolated_env), "no job.yaml here")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.yaml").write_text(VALID)
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("kind: slurm\ntime: forever\n")
+    _expect_error(run_cli(["resume", str(run), "--cluster", str(cluster)], isolated_env), "time = 'forever'")
