@@ -122,6 +122,8 @@ class DeepSpeedSpec(Strict):
     offload_params: bool = False
     overlap_comm: bool = True
     gather_16bit_weights_on_save: bool = True
+    # ZeRO-3 keeps parameters smaller than this whole on every rank; None: DeepSpeed's default.
+    param_persistence_threshold: int | None = Field(None, ge=0)
 
 
 class LoraSpec(Strict):
@@ -222,6 +224,45 @@ class JobSpec(Strict):
                 "nothing to evaluate on (set data.eval_fraction, e.g. 0.05, or remove "
                 "train.eval_every_n_steps)"
             )
+        problems = _strategy_problems(self)
+        if problems:
+            raise rule_error(*problems)
         if not self.output_uri:
             self.output_uri = f"runs/{self.name}"
         return self
+
+
+def _strategy_problems(job: JobSpec) -> list[str]:
+    """Combinations that cannot run (on these workers), each with its reason and fix."""
+    strategy, problems = job.strategy, []
+    on_cpu = job.resources.gpus_per_worker == 0
+    if on_cpu and strategy.precision == "fp16":
+        problems.append(
+            "strategy.precision = 'fp16' with resources.gpus_per_worker = 0: fp16 loss scaling "
+            "needs a GPU (use bf16 or fp32 on CPU workers)"
+        )
+    if strategy.kind == "fsdp" and on_cpu:
+        if strategy.fsdp.version == 1:
+            problems.append(
+                "strategy.fsdp.version = 1 with resources.gpus_per_worker = 0: FSDP1 does not run "
+                "on CPU (use strategy.fsdp.version: 2)"
+            )
+        if strategy.fsdp.cpu_offload:
+            problems.append(
+                "strategy.fsdp.cpu_offload = true with resources.gpus_per_worker = 0: the "
+                "parameters already live on the CPU (remove strategy.fsdp.cpu_offload)"
+            )
+    lora = strategy.lora
+    if lora is not None:
+        if strategy.kind == "deepspeed" and strategy.deepspeed.offload_params:
+            problems.append(
+                "strategy.lora with strategy.deepspeed.offload_params = true: peft adapters are not "
+                "supported with ZeRO-3 parameter offload (use offload_optimizer only)"
+            )
+        if job.model.from_config and not lora.merge:
+            problems.append(
+                "strategy.lora.merge = false with model.from_config = true: the base weights are a "
+                "random initialisation that is never saved, so the adapter alone is useless "
+                "(set strategy.lora.merge: true)"
+            )
+    return problems

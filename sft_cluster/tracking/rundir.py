@@ -38,6 +38,11 @@ class RunDir:
         return storage.join(self.uri, "loss.png")
 
     @property
+    def strategy(self) -> str:
+        """The generated accelerate/DeepSpeed settings, for the record."""
+        return storage.join(self.uri, "strategy.json")
+
+    @property
     def final(self) -> str:
         return storage.join(self.uri, "final")
 

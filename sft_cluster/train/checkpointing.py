@@ -11,7 +11,6 @@ At most one upload is in flight; the end of training waits for the last one.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 import time
@@ -29,7 +28,6 @@ from sft_cluster.spec import CheckpointSpec
 from sft_cluster.train import signals
 
 log = logging.getLogger("sft_cluster.checkpoint")
-_RANK_FILE = re.compile(r"(^|/)rng_state_(\d+)\.pth$")
 
 
 def _distributed() -> bool:
@@ -49,22 +47,19 @@ def _any_true(flag: bool) -> bool:
 
 
 def files_of_rank(local: Path, rank: int, world_size: int) -> list[str]:
-    """The files of a staged checkpoint that ``rank`` uploads.
+    """The files of a staged checkpoint that ``rank`` uploads (collective).
 
-    Rank 0 uploads the shared files (model, optimizer, scheduler, trainer
-    state); every rank uploads its own RNG state. On one node rank 0's staging
-    holds all of them, on several nodes each node holds its ranks' files.
+    Every rank stages into its own folder: DDP's rank 0 holds the model and
+    optimizer, each rank its RNG state, DeepSpeed and FSDP each rank its
+    shards. A file staged by several ranks is uploaded by the lowest of them.
     """
-    rels = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    if world_size == 1:
-        return rels
-    mine = []
-    for rel in rels:
-        match = _RANK_FILE.search(rel)
-        owner = int(match.group(2)) if match else 0
-        if owner == rank:
-            mine.append(rel)
-    return mine
+    mine = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    if world_size == 1 or not _distributed():
+        return mine
+    listings: list[list[str] | None] = [None] * world_size
+    dist.all_gather_object(listings, mine)
+    taken = {rel for listing in listings[:rank] for rel in listing or []}
+    return [rel for rel in mine if rel not in taken]
 
 
 class _Upload:

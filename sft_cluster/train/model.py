@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from sft_cluster.spec import ModelSpec, resolve_builtin
+from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
 
 
 def _resolve(name: str) -> str:
@@ -22,6 +26,26 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build the model whole even when the Trainer has ZeRO-3 set up.
+
+    Under ``zero.Init`` a model built from a config draws its random weights
+    per partition, so the same seed gives other weights than under DDP or
+    FSDP; DeepSpeed partitions the whole model when the Trainer prepares it.
+    Loaded weights keep ``zero.Init`` (they are the same either way).
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
+
+
 def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
     """Load weights, or initialise them from the config with ``seed`` (same on every rank).
 
@@ -34,7 +58,8 @@ def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
         config = AutoConfig.from_pretrained(path, **common)
         config._attn_implementation = model.attn_implementation
         transformers.set_seed(seed)
-        built = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        with _without_zero3_init():
+            built = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     else:
         built = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=model.attn_implementation, **common
@@ -43,3 +68,56 @@ def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
     # attention inside each packed sequence.
     built.config.use_cache = False
     return built
+
+
+def parameter_share(model: torch.nn.Module) -> float:
+    """The fraction of the model's parameters this rank holds (1.0 unless sharded).
+
+    FSDP2 parameters are DTensors (``to_local`` is this rank's shard); ZeRO-3
+    parameters keep their partition in ``ds_tensor`` and the full size in ``ds_numel``.
+    """
+    local = total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_numel"):
+            total += param.ds_numel
+            local += param.ds_tensor.numel()
+        elif hasattr(param, "to_local"):
+            total += param.numel()
+            local += param.to_local().numel()
+        else:
+            total += param.numel()
+            local += param.numel()
+    return local / total if total else 1.0
+
+
+def _full_state_dict(trainer) -> dict[str, torch.Tensor]:
+    """Every rank calls this; the main process gets the whole (gathered) state dict."""
+    accelerator = trainer.accelerator
+    if trainer.is_deepspeed_enabled and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+        # Gathers the partitions whatever stage3_gather_16bit_weights_on_model_save says
+        # (that option is about intermediate checkpoints; final/ is always whole).
+        return trainer.model_wrapped._zero3_consolidated_16bit_state_dict()
+    return accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def save_final_model(trainer, job: JobSpec, out: Path) -> None:
+    """Consolidated Hugging Face weights in ``out``, whatever the strategy (collective).
+
+    With LoRA the adapter is saved, or with ``lora.merge`` a fresh copy of the
+    base gets the trained adapter and is merged, so the sharded training
+    model is never modified.
+    """
+    state_dict = _full_state_dict(trainer)
+    if not trainer.accelerator.is_main_process:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = job.strategy.lora
+    if lora is not None and lora.merge:
+        from peft import get_peft_model
+
+        with _without_zero3_init():  # the copy is built whole, on this rank only
+            base = build_model(job.model, job.train.seed)
+        merged = get_peft_model(base, model.peft_config["default"])
+        merged.load_state_dict(state_dict)
+        model, state_dict = merged.merge_and_unload(), None
+    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)

@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 import torch
 import torch.distributed as dist
+from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from sft_cluster import storage
@@ -29,8 +30,9 @@ from sft_cluster.tracking import JsonlLog, run_dir_of
 from sft_cluster.train import signals
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
-from sft_cluster.train.model import build_model, load_tokenizer
+from sft_cluster.train.model import build_model, load_tokenizer, parameter_share, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
+from sft_cluster.train.strategy import StrategyPlan, plan_strategy, prepare_process, prepare_trainer
 
 
 def resolve_precision(job: JobSpec, on_gpu: bool) -> str:
@@ -60,9 +62,10 @@ class _RecordingCollator:
         return batch
 
 
-def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool) -> SFTConfig:
+def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool, plan: StrategyPlan) -> SFTConfig:
     train, data = job.train, job.data
     return SFTConfig(
+        **plan.trainer_args,
         output_dir=output_dir,
         max_steps=train.max_steps,
         per_device_train_batch_size=train.micro_batch_size,
@@ -86,7 +89,6 @@ def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool) -> 
         fp16=precision == "fp16",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        gradient_checkpointing=job.strategy.activation_checkpointing,
         max_length=data.max_seq_len,
         packing=data.packing,
         assistant_only_loss=data.assistant_only_loss,
@@ -120,9 +122,16 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
     tokenizer = load_tokenizer(job.model)
     conversations = load_conversations(job.data, job.storage)
     train_dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
-    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu)
+    plan = plan_strategy(job, _world()[1], precision, on_gpu)
+    prepare_process(plan, on_gpu)
+    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu, plan)
+    _ = args.device  # sets up the distributed state
+    prepare_trainer(plan, on_gpu)
+    # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
     model = build_model(job.model, job.train.seed)
-    rank, world_size = _world()  # the SFTConfig above set up distributed state
+    rank, world_size = _world()
+    if rank == 0:
+        run.write_json(run.strategy, plan.record())
     store = CheckpointStore(run.uri, run.options)
     resume_step = None
     if job.checkpoint.resume == "auto":
@@ -149,6 +158,7 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
         train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=[progress, committer],
+        peft_config=LoraConfig(**plan.lora) if plan.lora else None,
     )
     recorder = _RecordingCollator(trainer.data_collator)
     trainer.data_collator = recorder
@@ -164,7 +174,7 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
         sink.emit({"kind": "preempted", "step": trainer.state.global_step})
     else:
         final_local = staging / "final"
-        trainer.save_model(str(final_local))
+        save_final_model(trainer, job, final_local)
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(str(final_local))
             storage.upload_dir(final_local, run.final, run.options)
@@ -197,6 +207,8 @@ def _report(
         "pid": os.getpid(),
         "distributed_type": trainer.accelerator.distributed_type.value,
         "model_wrapper": type(trainer.model_wrapped).__name__,
+        "model_class": type(trainer.model).__name__,
+        "parameter_share": parameter_share(trainer.model),
         "device": str(trainer.args.device),
         "steps": trainer.state.global_step,
         "rows_seen": len(recorder.row_digests),

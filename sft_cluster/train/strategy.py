@@ -1,0 +1,163 @@
+"""DDP, FSDP2 and DeepSpeed ZeRO-2/3 from the job's ``strategy`` section.
+
+The user never writes an accelerate or DeepSpeed config: ``plan_strategy``
+derives the Trainer arguments (FSDP plugin settings, the DeepSpeed JSON with
+``train_batch_size = micro x grad_accum x world``) from the spec, and the
+same plan is written to the run directory and printed by ``--dry-run``.
+
+Two narrow workarounds make the CPU path real (see docs/strategies.md):
+DeepSpeed needs accelerate to reuse the gloo group the launcher created, and
+accelerate enables FSDP only for GPU device types, so on CPU the shared
+``PartialState`` is marked MULTI_GPU before the Trainer builds its
+Accelerator (accelerate 1.15 pinned; the device stays CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
+
+# Where DeepSpeed caches its JIT-compiled ops (the Makefile points it into the repo).
+TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+@dataclass
+class StrategyPlan:
+    """What the Trainer gets for one strategy, and the record of it."""
+
+    kind: str
+    world_size: int
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    deepspeed: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """JSON for ``strategy.json`` in the run directory and for ``--dry-run``."""
+        accelerate = {k: v for k, v in self.trainer_args.items() if k != "deepspeed"}
+        return {
+            "kind": self.kind,
+            "world_size": self.world_size,
+            "accelerate": accelerate,
+            "deepspeed": self.deepspeed,
+            "lora": self.lora,
+            "env": self.env,
+        }
+
+
+def decoder_layer_class(model: ModelSpec) -> str:
+    """The model's own decoder-layer class (FSDP wraps each one), read from its config only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_builtin(model.name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return list(model_class._no_split_modules)[0]
+
+
+def deepspeed_config(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON; batch fields are explicit so a mismatch fails at start, not silently."""
+    spec, train = job.strategy.deepspeed, job.train
+    zero: dict[str, Any] = {
+        "stage": spec.stage,
+        "overlap_comm": spec.overlap_comm,
+        "contiguous_gradients": True,
+    }
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if spec.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = spec.gather_16bit_weights_on_save
+        if spec.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        if spec.param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = spec.param_persistence_threshold
+    return {
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # The Trainer's own AdamW (the same optimizer as DDP and FSDP, so losses agree).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _fsdp_args(job: JobSpec) -> dict[str, Any]:
+    spec = job.strategy.fsdp
+    wrap = decoder_layer_class(job.model) if spec.wrap == "auto" else spec.wrap
+    options = ["full_shard", "auto_wrap"] + (["offload"] if spec.cpu_offload else [])
+    return {
+        "fsdp": " ".join(options),
+        "fsdp_config": {
+            "version": spec.version,
+            "reshard_after_forward": spec.reshard_after_forward,
+            "transformer_layer_cls_to_wrap": [wrap],
+            "state_dict_type": "SHARDED_STATE_DICT" if spec.state_dict == "sharded" else "FULL_STATE_DICT",
+            # FSDP recomputes activations per wrapped layer itself (the Trainer's flag is refused).
+            "activation_checkpointing": job.strategy.activation_checkpointing,
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
+def lora_config(job: JobSpec) -> dict[str, Any] | None:
+    lora = job.strategy.lora
+    if lora is None:
+        return None
+    return {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.target_modules,
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def plan_strategy(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -> StrategyPlan:
+    """Trainer arguments and process environment for ``job.strategy`` on ``world_size`` ranks."""
+    kind = job.strategy.kind
+    plan = StrategyPlan(kind=kind, world_size=world_size, lora=lora_config(job))
+    gradient_checkpointing = job.strategy.activation_checkpointing
+    if kind == "fsdp":
+        plan.trainer_args.update(_fsdp_args(job))
+        gradient_checkpointing = False
+    elif kind == "deepspeed":
+        plan.deepspeed = deepspeed_config(job, world_size, precision, on_gpu)
+        plan.trainer_args["deepspeed"] = plan.deepspeed
+        # accelerate must keep the process group the launcher made (gloo on CPU).
+        plan.trainer_args["accelerator_config"] = {"use_configured_state": True}
+        plan.env["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if not on_gpu:
+            plan.env["DS_ACCELERATOR"] = "cpu"
+    plan.trainer_args["gradient_checkpointing"] = gradient_checkpointing
+    return plan
+
+
+def prepare_process(plan: StrategyPlan, on_gpu: bool) -> None:
+    """Before the SFTConfig: environment, and the shared state DeepSpeed must reuse."""
+    os.environ.update(plan.env)
+    if plan.kind == "deepspeed":
+        from accelerate import PartialState
+
+        PartialState(backend="nccl" if on_gpu else "gloo")
+
+
+def prepare_trainer(plan: StrategyPlan, on_gpu: bool) -> None:
+    """After the SFTConfig, before the Trainer builds its Accelerator.
+
+    accelerate turns FSDP on only for GPU-type distributed states; marking the
+    CPU state MULTI_GPU routes it to ``fully_shard`` while every tensor stays
+    on CPU and the gloo group is reused.
+    """
+    if plan.kind == "fsdp" and not on_gpu:
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType
+
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
