@@ -11,6 +11,10 @@ PYTEST_ARGS    ?=
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM   := false
+# DeepSpeed installs as pure Python and JIT-compiles its CPU ops on first use (~70 s);
+# the build is cached here so only the first test run after a clone pays for it.
+export DS_BUILD_OPS             := 0
+export TORCH_EXTENSIONS_DIR     ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: run test venv lint clean assets slurm-services slurm-services-down
 

@@ -66,20 +66,13 @@ def load_checked(
     return job, cluster
 
 
-def _check_supported(job_path: Path, job: JobSpec) -> None:
-    """Options the spec accepts (recipes validate) but this version cannot run yet.
+def _strategy_json(job: JobSpec) -> str:
+    """The generated accelerate/DeepSpeed settings, as the run will write them to strategy.json."""
+    from sft_cluster.train.strategy import describe_strategy
 
-    Refused before launch: training them as plain DDP would be a silent lie.
-    """
-    problems = []
-    if job.strategy.kind != "ddp":
-        problems.append(
-            f"strategy.kind = '{job.strategy.kind}': not supported by this version yet; use 'ddp'"
-        )
-    if job.strategy.lora is not None:
-        problems.append("strategy.lora: LoRA is not supported by this version yet; remove the lora block")
-    if problems:
-        _fail([f"{job_path}: {p}" for p in problems])
+    return "# strategy.json (generated from the job's strategy section)\n" + json.dumps(
+        describe_strategy(job), indent=2, sort_keys=True
+    )
 
 
 def _check_data(job_path: Path, job: JobSpec) -> None:
@@ -133,12 +126,12 @@ def _run_here(
                 "(use 'submit' for Ray or 'sbatch' for Slurm)"
             ]
         )
-    _check_supported(job_path, job)
     job = anchor_local_paths(job)
     _check_data(job_path, job)
     if dry_run:
         console.print(dump_job_yaml(job), highlight=False)
         console.print(json.dumps(describe_local(job, cluster_spec), indent=2), highlight=False)
+        console.print(_strategy_json(job), highlight=False)
         return
     summary = run_local(job, cluster_spec, console, verify_fast=verify_fast)
     _print_summary(summary)
@@ -210,13 +203,14 @@ def _remote(job_path: Path, overrides: list[str] | None, cluster: Path | None, k
     if cluster_spec.kind != kind:
         verb = {"ray": "submit", "slurm": "sbatch", "local": "run"}[cluster_spec.kind]
         _fail([f"{cluster}: kind is '{cluster_spec.kind}', not '{kind}' (use 'sft-cluster {verb}')"])
-    _check_supported(job_path, job)
     try:
         outcome = get_backend(cluster_spec, str(cluster)).submit(job, dry_run=dry_run)
     except LaunchError as exc:
         _fail([str(exc)])
     if isinstance(outcome, str):
         console.print(outcome, highlight=False, markup=False, soft_wrap=True)
+        # On stderr, so the printed script or entrypoint can be piped as it is.
+        errors.print(_strategy_json(job), highlight=False)
         return
     registry.remember(outcome)
     console.print(f"submitted [bold]{outcome.id}[/bold]  output_uri: {outcome.output_uri}")

@@ -18,6 +18,8 @@ def isolated_environment(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
+    # DeepSpeed's compiled ops are cached outside HOME (the Makefile sets the same place).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env
 
 
@@ -30,6 +32,29 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Pat
     """Run ``sft-cluster ARGS`` as a user would and capture everything it prints."""
     return subprocess.run(
         [*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_torchrun(job_yaml: Path, env: dict[str, str], *overrides: str, nproc: int = 2):
+    """The worker program under plain torchrun, as the Slurm torchrun template starts it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "sft_cluster.train",
+            str(job_yaml),
+            *overrides,
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 

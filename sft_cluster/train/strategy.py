@@ -24,6 +24,18 @@ from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 
 
+def resolve_precision(job: JobSpec, bf16_capable: bool) -> str:
+    """``auto`` is bf16 on a GPU that has it and fp32 otherwise.
+
+    bf16/fp16 are mixed precision: the fp32 master weights and optimizer state
+    stay fp32 (DeepSpeed keeps them in its optimizer) and the compute is cast.
+    """
+    choice = job.strategy.precision
+    if choice == "auto":
+        choice = "bf16" if bf16_capable else "fp32"
+    return choice
+
+
 @dataclass
 class StrategyPlan:
     """What the Trainer gets for one strategy, and the record of it."""
@@ -161,3 +173,14 @@ def prepare_trainer(plan: StrategyPlan, on_gpu: bool) -> None:
         from accelerate.utils import DistributedType
 
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def describe_strategy(job: JobSpec) -> dict[str, Any]:
+    """The generated settings for ``--dry-run``, before any worker exists.
+
+    Uses ``resources.num_workers`` as the world size and assumes a GPU worker
+    has bf16; the run writes what it really used to ``strategy.json``.
+    """
+    on_gpu = job.resources.gpus_per_worker > 0
+    plan = plan_strategy(job, job.resources.num_workers, resolve_precision(job, on_gpu), on_gpu)
+    return plan.record()

@@ -32,19 +32,13 @@ from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
 from sft_cluster.train.model import build_model, load_tokenizer, parameter_share, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
-from sft_cluster.train.strategy import StrategyPlan, plan_strategy, prepare_process, prepare_trainer
-
-
-def resolve_precision(job: JobSpec, on_gpu: bool) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 otherwise.
-
-    bf16/fp16 are mixed precision: weights and optimizer state stay fp32 and
-    the Trainer autocasts the compute.
-    """
-    choice = job.strategy.precision
-    if choice == "auto":
-        choice = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-    return choice
+from sft_cluster.train.strategy import (
+    StrategyPlan,
+    plan_strategy,
+    prepare_process,
+    prepare_trainer,
+    resolve_precision,
+)
 
 
 class _RecordingCollator:
@@ -113,7 +107,7 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
     signals.install(job.checkpoint.preemption_signals)  # a no-op off the main thread
     rank, _ = _world()
     on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
-    precision = resolve_precision(job, on_gpu)
+    precision = resolve_precision(job, on_gpu and torch.cuda.is_bf16_supported())
     run = run_dir_of(job)
     staging = Path(tempfile.mkdtemp(prefix=f"sftc-{job.name}-rank{rank}-"))
     if rank == 0 and "tensorboard" in job.tracking:

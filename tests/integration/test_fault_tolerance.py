@@ -10,14 +10,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import CLI, REPO, isolated_environment, max_weight_diff, run_cli
+from tests.conftest import CLI, REPO, isolated_environment, max_weight_diff, run_cli, run_torchrun
 
 STEPS = 60
 JOB = [
@@ -130,24 +129,7 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     assert "stop requested" in output
 
     # Portable: a run started by `run` (Ray) resumes under plain torchrun, as sbatch runs it.
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "sft_cluster.train",
-            str(out / "job.yaml"),
-        ],
-        cwd=REPO,
-        env={**env, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    resumed = run_torchrun(out / "job.yaml", env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from"] == [stopped_at]

@@ -123,13 +123,27 @@ def test_run_refuses_a_remote_cluster_file(tmp_path, isolated_env):
     _expect_error(result, "'run' needs a cluster of kind 'local'")
 
 
-def test_strategies_not_built_yet_are_refused_not_silently_run_as_ddp(tmp_path, isolated_env):
-    path = _job(tmp_path, VALID + "strategy: {kind: deepspeed, lora: {r: 8}}\n")
-    assert run_cli(["validate", path], isolated_env).returncode == 0
+def test_strategy_combinations_that_cannot_run_are_rejected_with_the_reason(tmp_path, isolated_env):
+    bad = "strategy: {kind: fsdp, precision: fp16, fsdp: {version: 1, cpu_offload: true}, lora: {r: 8}}\n"
+    result = run_cli(["validate", _job(tmp_path, VALID + bad)], isolated_env)
     _expect_error(
-        run_cli(["run", path], isolated_env),
-        "strategy.kind = 'deepspeed': not supported by this version yet",
-        "strategy.lora: LoRA is not supported",
+        result,
+        "strategy.precision = 'fp16' with resources.gpus_per_worker = 0: fp16 loss scaling needs a GPU",
+        "strategy.fsdp.version = 1 with resources.gpus_per_worker = 0: FSDP1 does not run on CPU",
+        "strategy.fsdp.cpu_offload = true with resources.gpus_per_worker = 0",
+        "strategy.lora.merge = false with model.from_config = true",
+    )
+    zero3_offload = (
+        "strategy: {kind: deepspeed, deepspeed: {stage: 3, offload_params: true}, lora: {merge: true}}\n"
+    )
+    _expect_error(
+        run_cli(["validate", _job(tmp_path, VALID + zero3_offload)], isolated_env),
+        "peft adapters are not supported with ZeRO-3 parameter offload",
+    )
+    stage2_offload = "strategy: {kind: deepspeed, deepspeed: {stage: 2, offload_params: true}}\n"
+    _expect_error(
+        run_cli(["validate", _job(tmp_path, VALID + stage2_offload)], isolated_env),
+        "strategy.deepspeed.offload_params: true requires strategy.deepspeed.stage: 3",
     )
 
 
