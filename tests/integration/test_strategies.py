@@ -152,3 +152,20 @@ def test_lora_merged_into_a_whole_model(runs, tmp_path):
     initial = build_model(ModelSpec(name_or_path="builtin:tiny-llama", from_config=True), 42).state_dict()
     changed = {k for k in merged if not torch.equal(merged[k], initial[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+
+
+@pytest.mark.slow
+def test_zero3_with_optimizer_and_parameter_offload_matches_ddp(runs, tmp_path):
+    """Opt-in (`-m slow`): offload JIT-compiles DeepSpeed's cpu_adam (~100 s the first time)."""
+    outs, env = runs
+    out = tmp_path / "offload"
+    offload = ["strategy.deepspeed.offload_optimizer=true", "strategy.deepspeed.offload_params=true"]
+    overrides = [*COMMON[1:], *STRATEGIES["zero3"], *offload, f"output_uri={out}"]
+    result = run_torchrun(REPO / COMMON[0], env, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recorded = json.loads((out / "strategy.json").read_text())["deepspeed"]["zero_optimization"]
+    assert recorded["offload_optimizer"]["device"] == "cpu" and recorded["offload_param"]["device"] == "cpu"
+    losses, reference = _losses(out), _losses(outs["ddp"])
+    assert len(losses) == STEPS
+    # DeepSpeedCPUAdam is another AdamW implementation: close to DDP's, not bitwise.
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-3

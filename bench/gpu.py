@@ -1,0 +1,190 @@
+"""Throughput and MFU of each strategy: the worker program under torchrun, directly.
+
+    # on a GPU machine: a ~1.2B Llama-3.2-shaped model from a config, seq 4096, packed, bf16
+    python bench/gpu.py --strategies ddp fsdp2 zero2 zero3 --nproc 1
+    # anywhere (what the tests run): a tiny model on CPU, to keep the script working
+    python bench/gpu.py --cpu --tiny --steps 6 --strategies ddp zero3
+
+For each strategy it prints tokens/s per device (the tokens of the packed rows,
+as the Trainer counts them) and MFU = model FLOPs per token x tokens/s / peak
+bf16 FLOP/s, with FLOPs per token = 6 x non-embedding
+parameters + 12 x layers x heads x head_dim x sequence length (the formula
+torchtitan reports its MFU with). Steady state: steps after --warmup.
+The machine needs torch, transformers, accelerate, peft, trl, datasets (and
+deepspeed for zero2/zero3); it does not need Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ddp": {"kind": "ddp"},
+    "fsdp2": {"kind": "fsdp", "fsdp": {"version": 2}},
+    "zero2": {"kind": "deepspeed", "deepspeed": {"stage": 2}},
+    "zero3": {"kind": "deepspeed", "deepspeed": {"stage": 3}},
+}
+# Dense bf16 peak per device, FLOP/s (vendor datasheets, SXM parts).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+# Llama-3.2-1B's shape: 1.24B parameters.
+ONE_B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+}
+
+
+def model_dir(root: Path, tiny: bool, seq_len: int) -> Path:
+    """A Llama config (1B-shaped, or the shipped tiny one) beside the shipped tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from sft_cluster.spec import resolve_builtin
+
+    tiny_dir = Path(resolve_builtin("builtin:tiny-llama"))
+    config = LlamaConfig.from_pretrained(tiny_dir)
+    if not tiny:
+        config.update(ONE_B)
+    config.max_position_embeddings = max(seq_len, config.max_position_embeddings)
+    out = root / "model"
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
+def synthetic_chats(path: Path, tokens_needed: int) -> None:
+    """Random-word conversations, enough to fill every packed row of the run."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
+    written = 0
+    with path.open("w") as out:
+        while written < tokens_needed * 1.3:
+            question = " ".join(rng.choices(words, k=rng.randint(20, 200)))
+            answer = " ".join(rng.choices(words, k=rng.randint(50, 600)))
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            out.write(json.dumps({"messages": messages}) + "\n")
+            written += len(question.split()) + len(answer.split())
+
+
+def flops_per_token(config_dir: Path, seq_len: int) -> tuple[float, int]:
+    """(model FLOPs per token, parameter count), counted on a meta-device copy."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6 * (params - embedding) + attention, params
+
+
+def peak_flops(cpu: bool) -> float | None:
+    if cpu:
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def run_strategy(name: str, args: argparse.Namespace, model: Path, data: Path, root: Path) -> dict[str, Any]:
+    out = root / name
+    job = {
+        "name": f"bench-gpu-{name}",
+        "output_uri": str(out),
+        "model": {"name_or_path": str(model), "from_config": True, "attn_implementation": args.attn},
+        "data": {"sources": [{"uri": str(data)}], "max_seq_len": args.seq_len, "packing": True},
+        "train": {
+            "max_steps": args.steps,
+            "micro_batch_size": args.micro_batch,
+            "learning_rate": 1e-4,
+            "lr_scheduler": "constant",
+            "logging_steps": 1,
+        },
+        "strategy": {
+            **STRATEGIES[name],
+            "precision": "fp32" if args.cpu else "bf16",
+            "activation_checkpointing": args.activation_checkpointing,
+        },
+        "checkpoint": {"resume": "never"},
+        "resources": {"num_workers": args.nproc, "gpus_per_worker": 0 if args.cpu else 1},
+    }
+    job_file = root / f"{name}.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+    cmd += ["-m", "sft_cluster.train", str(job_file)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"strategy": name, "error": done.stderr[-2000:]}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start, end = records[args.warmup - 1], records[-1]
+    # The Trainer counts the tokens of every rank's packed rows (no padding is added).
+    per_device = (end["tokens"] - start["tokens"]) / args.nproc / (end["time"] - start["time"])
+    return {"strategy": name, "tokens_per_s": per_device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo)")
+    parser.add_argument("--tiny", action="store_true", help="the shipped tiny model instead of 1B")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    if args.nproc is None:
+        import torch
+
+        args.nproc = 2 if args.cpu else max(torch.cuda.device_count(), 1)
+    if args.cpu and args.seq_len == 4096:
+        args.seq_len = 256
+    root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    model = model_dir(root, args.tiny, args.seq_len)
+    data = root / "chats.jsonl"
+    synthetic_chats(data, args.steps * args.micro_batch * args.seq_len * args.nproc)
+    per_token, params = flops_per_token(model, args.seq_len)
+    peak = peak_flops(args.cpu)
+    print(
+        f"model {params / 1e6:,.1f}M params, seq {args.seq_len}, micro batch {args.micro_batch}, "
+        f"{args.nproc} process(es), attn {args.attn}, {'cpu fp32' if args.cpu else 'bf16'}; "
+        f"{per_token / 1e9:.2f} GFLOP/token; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s"
+    )
+    print(f"{'strategy':<8} {'tokens/s per device':>20} {'MFU':>7}")
+    for name in args.strategies:
+        result = run_strategy(name, args, model, data, root)
+        if "error" in result:
+            print(f"{name:<8} failed:\n{result['error']}")
+            continue
+        mfu = per_token * result["tokens_per_s"] / peak if peak else None
+        mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
+        print(f"{name:<8} {result['tokens_per_s']:>20,.0f} {mfu_text:>7}")
+
+
+if __name__ == "__main__":
+    main()
