@@ -85,7 +85,7 @@ def test_tracking_accepts_one_name_a_list_or_none(in_tmp: Path, value: str, expe
 
 
 def test_dumped_job_loads_back_unchanged(in_tmp: Path) -> None:
-    job = load_job(write(MINIMAL + "strategy: {kind: fsdp, fsdp: {version: 1}}\n"))
+    job = load_job(write(MINIMAL + "strategy: {kind: fsdp, fsdp: {reshard_after_forward: false}}\n"))
     text = dump_job_yaml(job)
     assert text.startswith("name: t\noutput_uri: runs/t\nmodel:\n")
     assert load_job(write(text, "resolved.yaml")) == job
@@ -334,6 +334,7 @@ def test_overrides_apply_and_create_keys(in_tmp: Path) -> None:
             "data.packing=false",
             "output_uri=/tmp/r1",
             "strategy.lora.r=8",
+            "strategy.lora.merge=true",
             "data.sources[0].weight=2",
         ],
     )
