@@ -73,6 +73,8 @@ class ProgressDisplay:
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", soft_wrap=True)
 
     def _step(self, event: dict[str, Any]) -> None:
+        if event.get("eval_loss") is not None:
+            self._say(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
         loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
         tps = f"{event['tokens_per_second']:,.0f}" if event.get("tokens_per_second") else "-"
         if self._progress is not None:

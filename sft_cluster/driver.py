@@ -26,8 +26,10 @@ from rich.console import Console
 
 from sft_cluster import exitcodes, storage
 from sft_cluster.console import ProgressDisplay
+from sft_cluster.data import DataError
 from sft_cluster.spec import JobSpec, dump_job_yaml, load_job
 from sft_cluster.tracking import finalize_run, run_dir_of
+from sft_cluster.train.dataplan import ensure_plan
 from sft_cluster.train.environment import ray_worker_runtime_env
 
 # Worker processes keep the driver's working directory (relative paths in the job file).
@@ -101,7 +103,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     from sft_cluster.train import run_worker
 
     job = JobSpec.model_validate(config["job"])
-    run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"])
+    run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"], make_plan=False)
 
 
 @contextlib.contextmanager
@@ -165,6 +167,11 @@ def run_training(
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
+    try:
+        ensure_plan(job, resources.num_workers, console.print)
+    except DataError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return finalize_run(run, name=job.name, status="failed", started_at=started_at, error=str(exc))
     channel = ProgressChannel.remote()
     trainer = TorchTrainer(
         _train_loop_per_worker,

@@ -1,9 +1,12 @@
-"""Training data: read sources, normalise records to chat messages.
+"""Training data: read sources, normalise records to chat messages, plan, stream and pack.
 
-The driver checks sources before any worker starts (``check_sources``); each
-worker reads conversations with ``load_conversations``.
+The driver checks sources before any worker starts (``check_sources``) and
+plans them once (``build_plan``); each worker streams its own share of the plan
+(``PackedDataset`` in ``sft_cluster.data.stream``, which needs torch) with a
+cursor that is saved in every checkpoint.
 """
 
+from sft_cluster.data.plan import ShardPlan, build_plan, list_sources, make_plan, plan_changes
 from sft_cluster.data.records import (
     DataError,
     check_sources,
@@ -11,4 +14,14 @@ from sft_cluster.data.records import (
     resolve_source_uris,
 )
 
-__all__ = ["DataError", "check_sources", "load_conversations", "resolve_source_uris"]
+__all__ = [
+    "DataError",
+    "ShardPlan",
+    "build_plan",
+    "check_sources",
+    "list_sources",
+    "load_conversations",
+    "make_plan",
+    "plan_changes",
+    "resolve_source_uris",
+]

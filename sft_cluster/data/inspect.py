@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_cluster.data.packing import best_fit
+
 
 def tokenize(tokenizer: Any, conversation: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids and the assistant mask (1 = trained) from the chat template."""
@@ -17,14 +19,7 @@ def tokenize(tokenizer: Any, conversation: list[dict[str, str]]) -> tuple[list[i
 
 def best_fit_bins(lengths: Sequence[int], capacity: int) -> int:
     """How many rows of ``capacity`` tokens best-fit-decreasing packing needs."""
-    free: list[int] = []
-    for length in sorted((min(n, capacity) for n in lengths), reverse=True):
-        best = min((i for i, room in enumerate(free) if room >= length), key=free.__getitem__, default=None)
-        if best is None:
-            free.append(capacity - length)
-        else:
-            free[best] -= length
-    return len(free)
+    return len(best_fit(lengths, capacity))
 
 
 @dataclass

@@ -9,13 +9,19 @@ Record shapes, detected per record after ``columns`` renames:
 - Alpaca ``instruction`` / ``input`` / ``output``
 - ``prompt`` / ``completion``
 - plain ``text`` (continued pre-training: one assistant turn, all of it trained)
+
+The per-record pieces (``iter_raw``, ``to_conversation``, ``BadRecords``) are
+shared by the in-memory loader below and the streaming readers in ``stream``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sft_cluster import storage
@@ -39,28 +45,79 @@ class DataError(Exception):
     """A problem with the data that the user must fix (named by URI and line)."""
 
 
+class _Problem(Exception):
+    """What is wrong with one record, before the caller says where the record is."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: enough to read it and to notice when it changed."""
+
+    uri: str
+    size: int
+    version: str | None = None  # ETag, or mtime where the store gives no ETag
+
+
 def _source_uri(source: SourceSpec) -> str:
     uri = source.uri
     return resolve_builtin(uri) if uri.startswith("builtin:") else uri
 
 
-def _options(source: SourceSpec, data: DataSpec, store: StorageSpec) -> dict[str, Any]:
+def source_options(source: SourceSpec, data: DataSpec, store: StorageSpec) -> dict[str, Any]:
+    """fsspec options for one source: storage, then data, then source options win."""
     merged = {**store.options, **data.storage_options, **source.storage_options}
     return storage.storage_options_for(_source_uri(source), store.endpoint_url, merged)
 
 
+def _version(info: dict[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return None
+
+
+def _listable(name: str, declared: str | None) -> bool:
+    """Whether an object found under a prefix is data (not ``_SUCCESS``, ``.crc``, ...)."""
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith((".", "_")):
+        return False
+    try:
+        format_of(name, declared)
+    except DataError:
+        return False
+    return True
+
+
+def list_objects(source: SourceSpec, data: DataSpec, store: StorageSpec) -> list[ObjectInfo]:
+    """The objects a source names, sorted, with sizes, from one paginated listing.
+
+    A glob expands; a prefix (folder) lists every data object below it; a plain
+    object names itself. No per-object request: 100,000 objects list in seconds.
+    """
+    uri = _source_uri(source)
+    fs, path = storage.filesystem(uri, source_options(source, data, store))
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path, detail=True)
+    else:
+        found = fs.find(path, detail=True)
+        if len(found) > 1 or path.rstrip("/") not in found:
+            found = {name: info for name, info in found.items() if _listable(name, source.format)}
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    objects = []
+    for name in sorted(found):
+        info = found[name]
+        if info.get("type", "file") != "file":
+            continue
+        if "size" not in info:  # a generic find() names a single file without details
+            info = fs.info(name)
+        full = name if protocol in ("file", "local") else f"{protocol}://{name}"
+        objects.append(ObjectInfo(full, int(info["size"]), _version(info)))
+    return objects
+
+
 def resolve_source_uris(source: SourceSpec, data: DataSpec, store: StorageSpec) -> list[str]:
     """The objects a source names (a glob expands to a sorted list)."""
-    uri = _source_uri(source)
-    fs, path = storage.filesystem(uri, _options(source, data, store))
-    if any(ch in path for ch in "*?["):
-        matches = sorted(fs.glob(path))
-    else:
-        matches = [path] if fs.exists(path) else []
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return matches
-    return [f"{protocol}://{m}" for m in matches]
+    return [obj.uri for obj in list_objects(source, data, store)]
 
 
 def check_sources(data: DataSpec, store: StorageSpec) -> list[str]:
@@ -97,43 +154,41 @@ def format_of(uri: str, declared: str | None) -> tuple[str, str | None]:
     raise DataError(f"{uri}: cannot tell the format from the name; set format: jsonl | json | parquet")
 
 
-def _turns(raw: Any, where: str) -> list[dict[str, str]]:
+def _turns(raw: Any) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
+        raise _Problem("'messages' must be a non-empty list")
     turns = []
     for turn in raw:
         if not isinstance(turn, dict) or turn.get("role") not in _ROLES:
-            raise DataError(f"{where}: each message needs a role in {sorted(_ROLES)}")
+            raise _Problem(f"each message needs a role in {sorted(_ROLES)}")
         if not isinstance(turn.get("content"), str):
-            raise DataError(f"{where}: each message needs a string 'content'")
+            raise _Problem("each message needs a string 'content'")
         turns.append({"role": turn["role"], "content": turn["content"]})
     return turns
 
 
-def _sharegpt(raw: Any, where: str) -> list[dict[str, str]]:
+def _sharegpt(raw: Any) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+        raise _Problem("'conversations' must be a non-empty list")
     turns = []
     for turn in raw:
         role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
-            raise DataError(
-                f"{where}: each conversation turn needs 'from' in {sorted(_SHAREGPT_ROLES)} "
-                "and a string 'value'"
+            raise _Problem(
+                f"each conversation turn needs 'from' in {sorted(_SHAREGPT_ROLES)} and a string 'value'"
             )
         turns.append({"role": role, "content": turn["value"]})
     return turns
 
 
-def normalise(record: Any, columns: dict[str, str], where: str) -> list[dict[str, str]]:
-    """Any supported record shape as a list of chat messages."""
+def _shape(record: Any, columns: dict[str, str]) -> list[dict[str, str]]:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        raise _Problem(f"expected an object, got {type(record).__name__}")
     record = {columns.get(key, key): value for key, value in record.items()}
     if "messages" in record:
-        turns = _turns(record["messages"], where)
+        turns = _turns(record["messages"])
     elif "conversations" in record:
-        turns = _sharegpt(record["conversations"], where)
+        turns = _sharegpt(record["conversations"])
     elif "instruction" in record and "output" in record:
         prompt = str(record["instruction"])
         if record.get("input"):
@@ -148,54 +203,109 @@ def normalise(record: Any, columns: dict[str, str], where: str) -> list[dict[str
         turns = [{"role": "assistant", "content": record["text"]}]
     else:
         found = ", ".join(sorted(record)) or "none"
-        raise DataError(
-            f"{where}: no known record shape (columns found: {found}); expected messages, "
+        raise _Problem(
+            f"no known record shape (columns found: {found}); expected messages, "
             "conversations, instruction/output, prompt/completion or text; rename columns with "
             "data.sources[].columns"
         )
     if record.get("system") and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": str(record["system"])})
     if not any(turn["role"] == "assistant" for turn in turns):
-        raise DataError(f"{where}: conversation has no assistant turn to train on")
+        raise _Problem("conversation has no assistant turn to train on")
     return turns
 
 
-def _iter_raw(
-    uri: str, options: dict[str, Any], fmt: str, compression: str | None
-) -> Iterator[tuple[str, Any]]:
-    """(location, parsed record or DataError) for every record of one object."""
-    fs, path = storage.filesystem(uri, options)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+def normalise(record: Any, columns: dict[str, str], where: str) -> list[dict[str, str]]:
+    """Any supported record shape as a list of chat messages."""
+    return to_conversation(record, columns, lambda: where)
 
-        with fs.open(path, "rb", compression=compression) as handle:
+
+def to_conversation(payload: Any, columns: dict[str, str], locate: Callable[[], str]) -> list[dict[str, str]]:
+    """A raw record from ``iter_raw`` (JSONL line, parsed record or DataError) as chat messages.
+
+    ``locate`` is called only for a bad record: naming a line of a byte range
+    costs a read of the file up to it.
+    """
+    if isinstance(payload, DataError):
+        raise payload
+    if isinstance(payload, bytes | str):
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{locate()}: malformed JSON ({exc.msg})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{locate()}: not valid UTF-8") from None
+    try:
+        return _shape(payload, columns)
+    except _Problem as exc:
+        raise DataError(f"{locate()}: {exc}") from None
+
+
+def record_location(uri: str, fmt: str, number: int) -> str:
+    """How an error names record ``number`` (a line, a JSON array index or a Parquet row)."""
+    return {"jsonl": f"{uri}:{number}", "json": f"{uri}:record {number}"}.get(fmt, f"{uri}:row {number}")
+
+
+def iter_raw(
+    uri: str, options: dict[str, Any], fmt: str, compression: str | None
+) -> Iterator[tuple[int, Any]]:
+    """(number, raw record) for every record of one object, unparsed where parsing can wait.
+
+    A raw record is a JSONL line (bytes), a parsed JSON or Parquet record, or a
+    DataError that already names its place; ``number`` is what ``record_location``
+    formats. Blank JSONL lines are not records, but they count as lines.
+    """
+    fs, path = storage.filesystem(uri, options)
+    with fs.open(path, "rb", compression=compression) as handle:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
             row = 0
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
                 for record in batch.to_pylist():
                     row += 1
-                    yield f"{uri}:row {row}", record
-        return
-    with fs.open(path, "rt", encoding="utf-8", compression=compression) as handle:
-        if fmt == "json":
+                    yield row, record
+        elif fmt == "json":
             try:
                 records = json.load(handle)
             except json.JSONDecodeError as exc:
-                yield f"{uri}:{exc.lineno}", DataError(f"{uri}:{exc.lineno}: malformed JSON ({exc.msg})")
+                yield 0, DataError(f"{uri}:{exc.lineno}: malformed JSON ({exc.msg})")
                 return
             if not isinstance(records, list):
-                yield uri, DataError(f"{uri}: a .json source must hold an array of records")
+                yield 0, DataError(f"{uri}: a .json source must hold an array of records")
                 return
-            for index, record in enumerate(records, start=1):
-                yield f"{uri}:record {index}", record
-            return
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{uri}:{line_no}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, DataError(f"{where}: malformed JSON ({exc.msg})")
+            yield from enumerate(records, start=1)
+        else:
+            # Decompressors (zstd) lack readline: a buffer gives every one of them lines.
+            lines = io.BufferedReader(handle, 1 << 20) if compression else handle
+            for line_no, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield line_no, line
+
+
+class BadRecords:
+    """``data.on_bad_record``: stop at the first bad record, or skip, count and log them.
+
+    Skipping fails once more than ``data.max_bad_records`` were skipped; the
+    count and the first message are part of a reader's resumable state.
+    """
+
+    def __init__(self, data: DataSpec, skipped: int = 0, first: str | None = None):
+        self.policy, self.limit = data.on_bad_record, data.max_bad_records
+        self.skipped, self.first = skipped, first
+
+    def skip(self, exc: DataError) -> None:
+        """Count ``exc`` as skipped, or raise it (or the over-the-limit error)."""
+        if self.policy == "error":
+            raise exc
+        self.skipped += 1
+        self.first = self.first or str(exc)
+        log.warning("skipping bad record %s", exc)
+        if self.skipped > self.limit:
+            raise DataError(
+                f"{self.skipped} bad records skipped, more than data.max_bad_records = "
+                f"{self.limit}; the first: {self.first}"
+            ) from None
 
 
 def load_conversations(data: DataSpec, store: StorageSpec) -> list[list[dict[str, str]]]:
@@ -204,26 +314,17 @@ def load_conversations(data: DataSpec, store: StorageSpec) -> list[list[dict[str
     A bad record stops the run (``on_bad_record: error``) or is skipped, counted
     and named in the log (``skip``), until more than ``max_bad_records`` were skipped.
     """
-    conversations, skipped = [], []
+    conversations, bad = [], BadRecords(data)
     for source in data.sources:
-        options = _options(source, data, store)
+        options = source_options(source, data, store)
         for uri in resolve_source_uris(source, data, store):
             fmt, compression = format_of(uri, source.format)
-            for where, record in _iter_raw(uri, options, fmt, compression):
+            for number, raw in iter_raw(uri, options, fmt, compression):
                 try:
-                    if isinstance(record, DataError):
-                        raise record
-                    conversations.append(normalise(record, source.columns, where))
+                    where = partial(record_location, uri, fmt, number)
+                    conversations.append(to_conversation(raw, source.columns, where))
                 except DataError as exc:
-                    if data.on_bad_record == "error":
-                        raise
-                    skipped.append(str(exc))
-                    log.warning("skipping bad record %s", exc)
-                    if len(skipped) > data.max_bad_records:
-                        raise DataError(
-                            f"{len(skipped)} bad records skipped, more than data.max_bad_records = "
-                            f"{data.max_bad_records}; the first: {skipped[0]}"
-                        ) from None
-    if skipped:
-        log.warning("skipped %d bad record(s) in total", len(skipped))
+                    bad.skip(exc)
+    if bad.skipped:
+        log.warning("skipped %d bad record(s) in total", bad.skipped)
     return conversations

@@ -77,13 +77,14 @@ def anchor_local_paths(job: JobSpec) -> JobSpec:
         return str(Path(uri.removeprefix("file://")).expanduser().absolute())
 
     sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.sources]
+    eval_sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.eval]
     model = job.model
     if Path(model.name_or_path).exists():
         model = model.model_copy(update={"name_or_path": anchor(model.name_or_path)})
     return job.model_copy(
         update={
             "output_uri": anchor(job.output_uri),
-            "data": job.data.model_copy(update={"sources": sources}),
+            "data": job.data.model_copy(update={"sources": sources, "eval": eval_sources}),
             "model": model,
         }
     )

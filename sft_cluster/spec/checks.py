@@ -80,8 +80,9 @@ def check_local_paths(job: JobSpec) -> list[str]:
         if value is not None
     ]
     problems += [
-        _source_problem(f"data.sources[{index}].uri", source.uri)
-        for index, source in enumerate(job.data.sources)
+        _source_problem(f"data.{field}[{index}].uri", source.uri)
+        for field, sources in (("sources", job.data.sources), ("eval", job.data.eval))
+        for index, source in enumerate(sources)
         if is_local_uri(source.uri)
     ]
     return [problem for problem in problems if problem is not None]

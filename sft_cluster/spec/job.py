@@ -88,6 +88,9 @@ class DataSpec(Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     max_bad_records: int = Field(100, ge=0)
     truncation: Literal["drop", "truncate"] = "drop"
+    # Held-out evaluation data: its own sources, or a deterministic fraction of the training
+    # records (chosen by a hash of each record, so the same records whatever the world size).
+    eval: list[SourceSpec] = Field(default_factory=list)
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -218,11 +221,17 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> JobSpec:
-        if self.train.eval_every_n_steps is not None and self.data.eval_fraction == 0:
+        has_eval = bool(self.data.eval) or self.data.eval_fraction > 0
+        if self.train.eval_every_n_steps is not None and not has_eval:
             raise rule_error(
-                "train.eval_every_n_steps is set but data.eval_fraction is 0, so there is "
-                "nothing to evaluate on (set data.eval_fraction, e.g. 0.05, or remove "
+                "train.eval_every_n_steps is set but there is nothing to evaluate on "
+                "(set data.eval_fraction, e.g. 0.05, or data.eval sources, or remove "
                 "train.eval_every_n_steps)"
+            )
+        if self.data.eval and self.data.eval_fraction > 0:
+            raise rule_error(
+                "data.eval and data.eval_fraction are both set (evaluate on the data.eval sources "
+                "or on a held-out fraction of the training data, not both)"
             )
         problems = _strategy_problems(self)
         if problems:

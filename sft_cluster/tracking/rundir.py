@@ -38,6 +38,11 @@ class RunDir:
         return storage.join(self.uri, "loss.png")
 
     @property
+    def plan(self) -> str:
+        """The data plan every restart and resume of the run reads (see sft_cluster.data.plan)."""
+        return storage.join(self.uri, "plan.json")
+
+    @property
     def strategy(self) -> str:
         """The generated accelerate/DeepSpeed settings, for the record."""
         return storage.join(self.uri, "strategy.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -18,8 +19,16 @@ class ProgressCallback(TrainerCallback):
     averaged over all ranks.
     """
 
-    def __init__(self, metrics: JsonlLog | None, sink: ProgressSink, max_steps: int):
+    def __init__(
+        self,
+        metrics: JsonlLog | None,
+        sink: ProgressSink,
+        max_steps: int,
+        eval_loss: Callable[[], tuple[int, float] | None] = lambda: None,
+    ):
+        """``eval_loss()`` is the latest (step, eval loss), added to that step's record."""
         self.metrics = metrics
+        self.eval_loss = eval_loss
         self.sink = sink
         self.max_steps = max_steps
         self.first_step_time: float | None = None
@@ -49,6 +58,9 @@ class ProgressCallback(TrainerCallback):
             "tokens_per_second": tokens_per_second,
             "time": now,
         }
+        latest = self.eval_loss()
+        if latest is not None and latest[0] == state.global_step:
+            record["eval_loss"] = latest[1]
         if self.metrics is not None:
             self.metrics.append(record)
         self.sink.emit({"kind": "step", "max_steps": self.max_steps, **record})

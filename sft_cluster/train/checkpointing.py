@@ -104,9 +104,17 @@ class CommitCallback(TrainerCallback):
     """Uploads and commits every checkpoint the Trainer saves; handles stop requests."""
 
     def __init__(
-        self, store: CheckpointStore, spec: CheckpointSpec, rank: int, world_size: int, on_commit=None
+        self,
+        store: CheckpointStore,
+        spec: CheckpointSpec,
+        rank: int,
+        world_size: int,
+        on_commit: Callable[[int], None] | None = None,
+        stage_extra: Callable[[Path, int], None] | None = None,
     ):
+        """``stage_extra(folder, step)`` adds this rank's own files (its data cursor) to a checkpoint."""
         self.store = store
+        self.stage_extra = stage_extra
         self.spec = spec
         self.rank = rank
         self.world_size = world_size
@@ -128,6 +136,8 @@ class CommitCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.finish()  # at most one upload in flight
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.stage_extra is not None:
+            self.stage_extra(local, state.global_step)
         if _distributed():
             dist.barrier()  # every rank's files are staged
         files = files_of_rank(local, self.rank, self.world_size)

@@ -7,7 +7,9 @@ group the launcher already created.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -20,16 +22,19 @@ import datasets
 import torch
 import torch.distributed as dist
 from peft import LoraConfig
+from torch.utils.data import DataLoader
 from trl import SFTConfig, SFTTrainer
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import load_conversations
+from sft_cluster.data import ShardPlan
+from sft_cluster.data.stream import PackedDataset
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
 from sft_cluster.train import signals
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
+from sft_cluster.train.dataplan import cursor_file, ensure_plan, read_cursor
 from sft_cluster.train.model import build_model, load_tokenizer, parameter_share, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
 from sft_cluster.train.strategy import (
@@ -49,17 +54,18 @@ class _RecordingCollator:
         self.row_digests: list[str] = []
 
     def __call__(self, features):
-        batch = self.inner(features)
-        for row in batch["input_ids"]:
-            digest = hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16]
+        for row in features:
+            digest = hashlib.sha1(row["input_ids"].numpy().tobytes()).hexdigest()[:16]
             self.row_digests.append(digest)
-        return batch
+        return self.inner(features)
 
 
-def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool, plan: StrategyPlan) -> SFTConfig:
-    train, data = job.train, job.data
+def _sft_config(
+    job: JobSpec, output_dir: str, precision: str, on_gpu: bool, strategy: StrategyPlan
+) -> SFTConfig:
+    train = job.train
     return SFTConfig(
-        **plan.trainer_args,
+        **strategy.trainer_args,
         output_dir=output_dir,
         max_steps=train.max_steps,
         per_device_train_batch_size=train.micro_batch_size,
@@ -83,9 +89,10 @@ def _sft_config(job: JobSpec, output_dir: str, precision: str, on_gpu: bool, pla
         fp16=precision == "fp16",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        max_length=data.max_seq_len,
-        packing=data.packing,
-        assistant_only_loss=data.assistant_only_loss,
+        # Rows come packed and labelled from our stream (sft_cluster.data.stream).
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # Resume restores the stream's own cursor; HF's batch skip would skip on top of it.
+        ignore_data_skip=True,
     )
 
 
@@ -95,12 +102,58 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool = False) -> dict[str, Any]:
+def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows as one padding-free row (batch size 1), as TRL feeds packed data.
+
+    The sequences stay apart through ``position_ids``, and TRL counts the
+    tokens of such a batch by its length.
+    """
+    return {key: torch.cat([row[key] for row in rows])[None] for key in rows[0]}
+
+
+class _StreamingSFTTrainer(SFTTrainer):
+    """Feeds this rank's packed rows as they are: no re-tokenizing, no re-sharding, no batch skipping.
+
+    The stream is already this rank's share (the plan split it) and restarts
+    from its own cursor, so accelerate's dataloader wrapping (which would
+    dispatch or shard it again) and the Trainer's skip on resume stay out.
+    """
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=0,
+            # Its own generator: creating the iterator must not draw from the restored global RNG.
+            generator=torch.Generator().manual_seed(self.args.seed),
+        )
+
+
+def _shared_data_plan(job: JobSpec, rank: int, world_size: int, make: bool, sink: ProgressSink) -> ShardPlan:
+    """Rank 0 reads the run's plan (or makes it, when no driver did) and every rank gets the same."""
+    text = [None]
+    if rank == 0:
+        if make:
+            notice = lambda message: sink.emit({"kind": "notice", "message": message})  # noqa: E731
+            text = [ensure_plan(job, world_size, notice).to_json()]
+        else:
+            run = run_dir_of(job)
+            text = [storage.read_text(run.plan, run.options)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(text, src=0)
+    return ShardPlan.from_json(text[0])
+
+
+def run_worker(
+    job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool = False, make_plan: bool = True
+) -> dict[str, Any]:
     """Train ``job`` on this rank, resuming from the newest committed checkpoint.
 
     Rank 0 writes metrics, events and the final model. Returns this rank's
     report; ``report["preempted"]`` is true when a stop request ended training
-    early, right after a committed checkpoint.
+    early, right after a committed checkpoint. ``make_plan=False``: a driver
+    already wrote the run's data plan.
     """
     started = time.time()
     sink = sink or LogSink()
@@ -114,24 +167,34 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
 
     tokenizer = load_tokenizer(job.model)
-    conversations = load_conversations(job.data, job.storage)
-    train_dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
-    plan = plan_strategy(job, _world()[1], precision, on_gpu)
-    prepare_process(plan, on_gpu)
-    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu, plan)
+    strategy = plan_strategy(job, _world()[1], precision, on_gpu)
+    prepare_process(strategy, on_gpu)
+    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu, strategy)
     _ = args.device  # sets up the distributed state
-    prepare_trainer(plan, on_gpu)
+    prepare_trainer(strategy, on_gpu)
     # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
     model = build_model(job.model, job.train.seed)
     rank, world_size = _world()
     if rank == 0:
-        run.write_json(run.strategy, plan.record())
+        run.write_json(run.strategy, strategy.record())
+    data_plan = _shared_data_plan(job, rank, world_size, make_plan, sink)
     store = CheckpointStore(run.uri, run.options)
-    resume_step = None
+    resume_step = resume_dir = cursor = None
     if job.checkpoint.resume == "auto":
         resume_step = find_resume_step(
             store, rank, fast=verify_fast, on_skip=lambda m: sink.emit({"kind": "notice", "message": m})
         )
+    if resume_step is not None:
+        resume_dir = store.download(resume_step, staging / "resume")
+        cursor = read_cursor(resume_dir, rank)
+    train_dataset = PackedDataset(data_plan, rank, job.data, job.storage, tokenizer, state=cursor)
+    rows_per_step = job.train.micro_batch_size * job.train.grad_accum_steps
+
+    def save_cursor(checkpoint: Path, step: int) -> None:
+        path = checkpoint / cursor_file(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(train_dataset.state_after(step * rows_per_step)))
+
     metrics = JsonlLog(run.metrics, run.options) if rank == 0 else None
     if rank == 0 and resume_step is not None:
         metrics.truncate_after(resume_step)
@@ -145,23 +208,22 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
         rank,
         world_size,
         on_commit=lambda step: sink.emit({"kind": "checkpoint", "step": step}),
+        stage_extra=save_cursor,
     )
-    trainer = SFTTrainer(
+    recorder = _RecordingCollator(_stack_rows)
+    trainer = _StreamingSFTTrainer(
         model=model,
         args=args,
-        train_dataset=train_dataset,
+        # TRL accepts only `datasets` types (and peeks at a sample): the stream goes in below.
+        train_dataset=datasets.Dataset.from_list([{"input_ids": [0], "labels": [-100]}]),
+        data_collator=recorder,
         processing_class=tokenizer,
         callbacks=[progress, committer],
-        peft_config=LoraConfig(**plan.lora) if plan.lora else None,
+        peft_config=LoraConfig(**strategy.lora) if strategy.lora else None,
     )
-    recorder = _RecordingCollator(trainer.data_collator)
-    trainer.data_collator = recorder
+    trainer.train_dataset = train_dataset
     sink.emit({"kind": "start", "rank": rank, "world_size": world_size, "resumed_from": resume_step})
-
-    resume_dir = None
-    if resume_step is not None:
-        resume_dir = str(store.download(resume_step, staging / "resume"))
-    trainer.train(resume_from_checkpoint=resume_dir)
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     committer.finish()
     preempted = committer.stopped_for_preemption
     if preempted:
@@ -178,6 +240,10 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
         metrics.close()
     report = _report(trainer, recorder, rank, world_size, started, progress)
     report["preempted"] = preempted
+    report["data"] = {
+        "packing_efficiency": train_dataset.rows.packing_efficiency,
+        "sources": [dataclasses.asdict(c) for c in train_dataset.rows.samples.counters],
+    }
     run.write_json(run.worker_report(rank), report)
     shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -223,10 +223,11 @@ def test_default_strategy_blocks_with_another_kind_are_fine(in_tmp: Path) -> Non
 def test_eval_steps_need_eval_data(in_tmp: Path) -> None:
     lines = job_errors(MINIMAL.replace("max_steps: 10", "max_steps: 10, eval_every_n_steps: 5"))
     assert lines == [
-        "error: jobs/smoke.yaml: train.eval_every_n_steps is set but data.eval_fraction is 0, "
-        "so there is nothing to evaluate on (set data.eval_fraction, e.g. 0.05, or remove "
-        "train.eval_every_n_steps)"
+        "error: jobs/smoke.yaml: train.eval_every_n_steps is set but there is nothing to evaluate on "
+        "(set data.eval_fraction, e.g. 0.05, or data.eval sources, or remove train.eval_every_n_steps)"
     ]
+    both = MINIMAL.replace("data: {", "data: {eval_fraction: 0.1, eval: [{uri: e.jsonl}], ")
+    assert "data.eval and data.eval_fraction are both set" in job_errors(both)[0]
 
 
 # --- file-level problems ----------------------------------------------------------------

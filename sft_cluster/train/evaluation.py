@@ -1,0 +1,69 @@
+"""Held-out loss every ``train.eval_every_n_steps``: each rank its shard, one number for the run.
+
+Every rank runs the same number of forward passes (ranks with fewer eval
+batches run a batch that counts for nothing): under FSDP and ZeRO-3 a
+forward pass gathers parameters with collectives, so an uneven count would
+hang. The loss is summed per trained token and all-reduced, so it is the
+mean over every eval token of the run, whatever the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+Batch = dict[str, torch.Tensor]
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+class EvalCallback(TrainerCallback):
+    """Computes ``eval_loss`` at the chosen steps and at the last one; ``latest`` holds (step, loss)."""
+
+    def __init__(self, batches: Callable[[], list[Batch]], every_n_steps: int):
+        """``batches()`` gives this rank's eval batches (at least one), built when first needed."""
+        self._make_batches = batches
+        self._batches: list[Batch] | None = None  # built at the first evaluation, then kept
+        self.every_n_steps = every_n_steps
+        self.trainer = None  # set after the Trainer exists: its model, device and autocast
+        self.latest: tuple[int, float] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.every_n_steps == 0 or step == state.max_steps:
+            self.latest = (step, self.evaluate())
+            control.should_log = True  # the step's metrics record carries eval_loss
+        return control
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self._batches is None:
+            self._batches = self._make_batches()
+        trainer = self.trainer
+        model = trainer.model
+        (count,) = _all_reduce([len(self._batches)], dist.ReduceOp.MAX)
+        loss_sum = tokens = 0.0
+        was_training = model.training
+        model.eval()
+        for index in range(int(count)):
+            real = index < len(self._batches)  # else a stand-in pass that counts nothing
+            batch = self._batches[index if real else -1]
+            inputs = {key: value.to(trainer.args.device) for key, value in batch.items()}
+            with trainer.accelerator.autocast():
+                loss = model(**inputs).loss
+            counted = int((inputs["labels"][..., 1:] != -100).sum()) if real else 0
+            if counted:
+                loss_sum += float(loss) * counted
+                tokens += counted
+        if was_training:
+            model.train()
+        loss_sum, tokens = _all_reduce([loss_sum, tokens], dist.ReduceOp.SUM)
+        return loss_sum / tokens if tokens else float("nan")
