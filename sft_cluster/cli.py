@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -371,10 +372,15 @@ def data_preview(
     world_size: Annotated[int, typer.Option(help="Number of ranks the data is split over.")] = 1,
     n: Annotated[int, typer.Option("-n", help="How many samples.")] = 3,
 ) -> None:
-    """Samples as the model sees them: the chat template applied, trained tokens highlighted."""
+    """Samples as the model sees them: the chat template applied, trained tokens highlighted.
+
+    The samples are the first that ``--rank`` of ``--world-size`` reads under the
+    run's shard plan (seeded by train.seed), in training order.
+    """
     from rich.text import Text
 
-    from sft_cluster.data.inspect import tokenize
+    from sft_cluster.data import DataError, list_sources, make_plan
+    from sft_cluster.data.stream import RankStream
     from sft_cluster.train.model import load_tokenizer
 
     job, _ = load_checked(job_path, overrides, None)
@@ -382,13 +388,20 @@ def data_preview(
         _fail([f"--rank {rank} must be in 0..{world_size - 1}"])
     _check_data(job_path, job)
     tokenizer = load_tokenizer(job.model)
-    conversations = [c for _, convs in _conversations_by_source(job) for c in convs][rank::world_size]
-    for index, conversation in enumerate(conversations[:n]):
-        ids, mask = tokenize(tokenizer, conversation)
+    try:
+        plan = make_plan(job.data, list_sources(job.data, job.storage), world_size, job.train.seed)
+        stream = RankStream(plan, rank, job.data, job.storage, tokenizer)
+        samples = list(itertools.islice(stream, n))
+    except DataError as exc:
+        _fail([str(exc)])
+    for index, sample in enumerate(samples):
         text = Text()
-        for token, trained in zip(ids, mask, strict=True):
+        for token, trained in zip(sample.input_ids, sample.assistant_mask, strict=True):
             text.append(tokenizer.decode([token]), style="bold green" if trained else "dim")
-        console.rule(f"sample {index * world_size + rank}: {len(ids)} tokens, {sum(mask)} trained (green)")
+        console.rule(
+            f"rank {rank}, sample {index}: {len(sample.input_ids)} tokens, "
+            f"{sum(sample.assistant_mask)} trained (green)"
+        )
         console.print(text)
 
 

@@ -35,7 +35,9 @@ def test_preview_shows_each_rank_its_own_samples(isolated_env):
     for result in ranks:
         assert result.returncode == 0, result.stderr
         assert "<|im_start|>assistant" in result.stdout
-    assert re.findall(r"sample (\d+)", ranks[0].stdout) == ["0", "2"]
-    assert re.findall(r"sample (\d+)", ranks[1].stdout) == ["1", "3"]
+    assert re.findall(r"rank 0, sample (\d+)", ranks[0].stdout) == ["0", "1"]
+    assert re.findall(r"rank 1, sample (\d+)", ranks[1].stdout) == ["0", "1"]
+    # The plan gives each rank its own records.
+    assert ranks[0].stdout.split("rank 0, sample 0")[1] != ranks[1].stdout.split("rank 1, sample 0")[1]
     bad = run_cli(["data", "preview", "jobs/smoke.yaml", "--rank", "2", "--world-size", "2"], isolated_env)
     assert bad.returncode == 2 and "--rank 2 must be in 0..1" in bad.stderr
