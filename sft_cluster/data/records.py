@@ -276,9 +276,9 @@ def iter_raw(
                 return
             yield from enumerate(records, start=1)
         else:
-            # Decompressors (zstd) lack readline: a buffer gives every one of them lines.
-            lines = io.BufferedReader(handle, 1 << 20) if compression else handle
-            for line_no, line in enumerate(lines, start=1):
+            # A remote fsspec file reads a whole block per readline, and zstd has no readline:
+            # a buffer gives every handle cheap lines.
+            for line_no, line in enumerate(io.BufferedReader(handle, 1 << 20), start=1):
                 if line.strip():
                     yield line_no, line
 

@@ -43,7 +43,18 @@ from sft_cluster.data.records import (
 )
 from sft_cluster.spec import DataSpec, StorageSpec
 
-__all__ = ["Counters", "PackedDataset", "PackedRowStream", "RankStream", "Sample", "read_lines", "read_unit"]
+__all__ = [
+    "Counters",
+    "PackedDataset",
+    "PackedRowStream",
+    "RankStream",
+    "Sample",
+    "collate_rows",
+    "pad_id_of",
+    "read_lines",
+    "read_unit",
+    "row_tensors",
+]
 
 _READ_BLOCK = 1 << 20
 
@@ -56,28 +67,28 @@ def read_lines(
     Returns the offset of the first owned line and (line index from it, line)
     for each non-blank line. The partial line at ``start`` belongs to the
     previous range (unless start == 0); the last line is read past ``end``.
+    Ranged reads (``cat_file``), so no read-ahead cache holds a second copy.
     """
     begin = max(start - 1, 0)  # the byte before ``start`` tells whether a line starts at ``start``
-    with fs.open(path, "rb") as handle:
-        handle.seek(begin)
-        parts = [handle.read(end - begin)]
-        while not parts[-1].endswith(b"\n") and begin + sum(map(len, parts)) < size:
-            more = handle.read(_READ_BLOCK)
-            if not more:
-                break
-            cut = more.find(b"\n")
-            parts.append(more if cut < 0 else more[: cut + 1])
-            if cut >= 0:
-                break
-    data = b"".join(parts)
+    parts = [fs.cat_file(path, start=begin, end=end)]
+    position = end
+    while not parts[-1].endswith(b"\n") and position < size:
+        more = fs.cat_file(path, start=position, end=min(position + _READ_BLOCK, size))
+        if not more:
+            break
+        position += len(more)
+        cut = more.find(b"\n")
+        parts.append(more if cut < 0 else more[: cut + 1])
+        if cut >= 0:
+            break
+    lines = b"".join(parts).split(b"\n")
     first = 0
     if start > 0:
-        cut = data.find(b"\n")
-        first = begin + cut + 1
-        if cut < 0 or first >= end:
+        first = begin + len(lines[0]) + 1
+        if len(lines) == 1 or first >= end:
             return first, []
-        data = data[cut + 1 :]
-    return first, [(index, line) for index, line in enumerate(data.split(b"\n")) if line.strip()]
+        lines = lines[1:]
+    return first, [(index, line) for index, line in enumerate(lines) if line.strip()]
 
 
 class _LineNamer:
@@ -135,13 +146,16 @@ class RankStream:
         tokenizer: Any,
         max_seq_len: int | None = None,
         state: dict[str, Any] | None = None,
+        keep: Callable[[Any], bool] | None = None,
     ):
+        """``keep(raw record)`` filters records before anything else (the train/eval split)."""
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is not in 0..{plan.world_size - 1}")
         planned, named = [source.uri for source in plan.sources], [source.uri for source in data.sources]
         if planned != named:
             raise DataError(f"the data plan is for sources {planned}, the job names {named}")
         self.plan, self.rank, self.data, self.tokenizer = plan, rank, data, tokenizer
+        self.keep = keep
         self.max_seq_len = max_seq_len or data.max_seq_len
         state = state or {}
         count = len(plan.sources)
@@ -171,27 +185,44 @@ class RankStream:
         while True:
             source = self._pick()
             raw, locate = self._next_raw(source)
-            counters = self.counters[source]
-            try:
-                conversation = to_conversation(raw, self.data.sources[source].columns, locate)
-            except DataError as exc:
-                counters.bad += 1
-                self.bad.skip(exc)
-                continue
-            ids, mask = tokenize(self.tokenizer, conversation)
-            if not self.data.assistant_only_loss:
-                mask = [1] * len(ids)
-            if len(ids) > self.max_seq_len:
-                if self.data.truncation == "drop":
-                    counters.dropped += 1
-                    continue
-                ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
-                counters.truncated += 1
-            counters.samples += 1
-            counters.tokens += len(ids)
-            position = self.positions[source]
-            position.epoch_samples += 1
-            return Sample(ids, mask, source, position.epoch)
+            sample = self._sample(source, raw, locate, self.positions[source].epoch)
+            if sample is not None:
+                self.positions[source].epoch_samples += 1
+                return sample
+
+    def one_pass(self) -> Iterator[Sample]:
+        """Every sample of this rank's share, once, source after source (an evaluation pass)."""
+        for source in range(len(self.plan.sources)):
+            for unit in self.plan.units(source, self.rank, 0):
+                records, locate = self._load(source, unit, 0)
+                for number, raw in records:
+                    sample = self._sample(source, raw, partial(locate, number), 0)
+                    if sample is not None:
+                        yield sample
+
+    def _sample(self, source: int, raw: Any, locate: Callable[[], str], epoch: int) -> Sample | None:
+        """One raw record as a tokenized sample, or None (bad and skipped, dropped, or not in the split)."""
+        if self.keep is not None and not self.keep(raw):
+            return None
+        counters = self.counters[source]
+        try:
+            conversation = to_conversation(raw, self.data.sources[source].columns, locate)
+        except DataError as exc:
+            counters.bad += 1
+            self.bad.skip(exc)
+            return None
+        ids, mask = tokenize(self.tokenizer, conversation)
+        if not self.data.assistant_only_loss:
+            mask = [1] * len(ids)
+        if len(ids) > self.max_seq_len:
+            if self.data.truncation == "drop":
+                counters.dropped += 1
+                return None
+            ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
+            counters.truncated += 1
+        counters.samples += 1
+        counters.tokens += len(ids)
+        return Sample(ids, mask, source, epoch)
 
     def _pick(self) -> int:
         """The source of draw number ``draws``: a pure function of (seed, rank, draw), by weight."""
@@ -267,7 +298,7 @@ def read_unit(
     return records[unit.offset :: unit.stride], locate
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id_of(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad rows with")
@@ -294,6 +325,7 @@ class PackedRowStream:
         tokenizer: Any,
         state: dict[str, Any] | None = None,
         window_rows: int = 128,
+        keep: Callable[[Any], bool] | None = None,
     ):
         if state is not None and (state["plan"], state["rank"]) != (plan.id, rank):
             raise DataError(
@@ -301,8 +333,10 @@ class PackedRowStream:
                 f"{plan.id} rank {rank}: resume with the run's saved data plan and world size"
             )
         self.plan, self.rank, self.data = plan, rank, data
-        self.window_rows, self.pad_id = window_rows, _pad_id(tokenizer)
-        self.samples = RankStream(plan, rank, data, store, tokenizer, state=state and state["window"])
+        self.window_rows, self.pad_id = window_rows, pad_id_of(tokenizer)
+        self.samples = RankStream(
+            plan, rank, data, store, tokenizer, state=state and state["window"], keep=keep
+        )
         self.rows_out = state["rows"] if state else 0  # rows handed out, counted from the start of training
         self._skip = state["skip"] if state else 0  # rows of the first window already trained on
         self._next_window = self.rows_out - self._skip  # row number the next window starts at
@@ -364,6 +398,23 @@ class PackedRowStream:
         }
 
 
+def row_tensors(row: Row) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.tensor(row.input_ids),
+        "labels": torch.tensor(row.labels),
+        "position_ids": torch.tensor(row.position_ids),
+    }
+
+
+def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows as one padding-free row (batch size 1), as TRL feeds packed data.
+
+    The sequences stay apart through ``position_ids``, and TRL counts the
+    tokens of such a batch by its length.
+    """
+    return {key: torch.cat([row[key] for row in rows])[None] for key in rows[0]}
+
+
 class PackedDataset(torch.utils.data.IterableDataset):
     """The trainer's view of ``PackedRowStream``: dicts of ``input_ids``, ``labels``, ``position_ids``.
 
@@ -382,8 +433,9 @@ class PackedDataset(torch.utils.data.IterableDataset):
         tokenizer: Any,
         state: dict[str, Any] | None = None,
         window_rows: int = 128,
+        keep: Callable[[Any], bool] | None = None,
     ):
-        self._make = partial(PackedRowStream, plan, rank, data, store, tokenizer, state, window_rows)
+        self._make = partial(PackedRowStream, plan, rank, data, store, tokenizer, state, window_rows, keep)
         self.rows = self._make()
         self._started = False
 
@@ -392,11 +444,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
             self.rows = self._make()
         self._started = True
         for row in self.rows:
-            yield {
-                "input_ids": torch.tensor(row.input_ids),
-                "labels": torch.tensor(row.labels),
-                "position_ids": torch.tensor(row.position_ids),
-            }
+            yield row_tensors(row)
 
     def state_after(self, rows: int) -> dict[str, Any]:
         return self.rows.state_after(rows)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,16 @@ from trl import SFTConfig, SFTTrainer
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import ShardPlan
-from sft_cluster.data.stream import PackedDataset
+from sft_cluster.data import ShardPlan, list_sources, make_plan
+from sft_cluster.data.evalset import eval_batches, eval_data, train_filter
+from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
 from sft_cluster.train import signals
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
 from sft_cluster.train.dataplan import cursor_file, ensure_plan, read_cursor
+from sft_cluster.train.evaluation import EvalCallback
 from sft_cluster.train.model import build_model, load_tokenizer, parameter_share, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
 from sft_cluster.train.strategy import (
@@ -102,15 +105,6 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A micro-batch of packed rows as one padding-free row (batch size 1), as TRL feeds packed data.
-
-    The sequences stay apart through ``position_ids``, and TRL counts the
-    tokens of such a batch by its length.
-    """
-    return {key: torch.cat([row[key] for row in rows])[None] for key in rows[0]}
-
-
 class _StreamingSFTTrainer(SFTTrainer):
     """Feeds this rank's packed rows as they are: no re-tokenizing, no re-sharding, no batch skipping.
 
@@ -130,19 +124,37 @@ class _StreamingSFTTrainer(SFTTrainer):
         )
 
 
-def _shared_data_plan(job: JobSpec, rank: int, world_size: int, make: bool, sink: ProgressSink) -> ShardPlan:
-    """Rank 0 reads the run's plan (or makes it, when no driver did) and every rank gets the same."""
-    text = [None]
-    if rank == 0:
-        if make:
-            notice = lambda message: sink.emit({"kind": "notice", "message": message})  # noqa: E731
-            text = [ensure_plan(job, world_size, notice).to_json()]
-        else:
-            run = run_dir_of(job)
-            text = [storage.read_text(run.plan, run.options)]
+def _plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
+    """Rank 0 lists and plans (once for the world); every rank gets the same plan."""
+    text = [make().to_json() if rank == 0 else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(text, src=0)
     return ShardPlan.from_json(text[0])
+
+
+def _training_plan(job: JobSpec, world_size: int, make: bool, sink: ProgressSink) -> ShardPlan:
+    """The run's saved plan, or (when no driver made one) a new one."""
+    if make:
+        return ensure_plan(job, world_size, lambda message: sink.emit({"kind": "notice", "message": message}))
+    run = run_dir_of(job)
+    return ShardPlan.from_json(storage.read_text(run.plan, run.options))
+
+
+def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPlan, tokenizer) -> EvalCallback:
+    """Evaluation on ``data.eval`` (planned at the first evaluation) or the held-out training records."""
+    data = job.data
+
+    def batches() -> list[dict[str, torch.Tensor]]:
+        plan = data_plan
+        if data.eval:
+            held_out = eval_data(data)
+            plan = _plan_from_rank0(
+                rank,
+                lambda: make_plan(held_out, list_sources(held_out, job.storage), world_size, job.train.seed),
+            )
+        return eval_batches(plan, rank, data, job.storage, tokenizer, job.train.micro_batch_size)
+
+    return EvalCallback(batches, job.train.eval_every_n_steps)
 
 
 def run_worker(
@@ -177,7 +189,7 @@ def run_worker(
     rank, world_size = _world()
     if rank == 0:
         run.write_json(run.strategy, strategy.record())
-    data_plan = _shared_data_plan(job, rank, world_size, make_plan, sink)
+    data_plan = _plan_from_rank0(rank, lambda: _training_plan(job, world_size, make_plan, sink))
     store = CheckpointStore(run.uri, run.options)
     resume_step = resume_dir = cursor = None
     if job.checkpoint.resume == "auto":
@@ -187,7 +199,9 @@ def run_worker(
     if resume_step is not None:
         resume_dir = store.download(resume_step, staging / "resume")
         cursor = read_cursor(resume_dir, rank)
-    train_dataset = PackedDataset(data_plan, rank, job.data, job.storage, tokenizer, state=cursor)
+    train_dataset = PackedDataset(
+        data_plan, rank, job.data, job.storage, tokenizer, state=cursor, keep=train_filter(job.data)
+    )
     rows_per_step = job.train.micro_batch_size * job.train.grad_accum_steps
 
     def save_cursor(checkpoint: Path, step: int) -> None:
@@ -201,7 +215,12 @@ def run_worker(
         events = JsonlLog(run.events, run.options)
         events.append({"event": "resumed", "step": resume_step, "time": time.time()})
         events.close()
-    progress = ProgressCallback(metrics, sink, job.train.max_steps)
+    evaluator = None
+    if job.train.eval_every_n_steps:
+        evaluator = _eval_callback(job, rank, world_size, data_plan, tokenizer)
+    progress = ProgressCallback(
+        metrics, sink, job.train.max_steps, eval_loss=lambda: evaluator.latest if evaluator else None
+    )
     committer = CommitCallback(
         store,
         job.checkpoint,
@@ -210,7 +229,7 @@ def run_worker(
         on_commit=lambda step: sink.emit({"kind": "checkpoint", "step": step}),
         stage_extra=save_cursor,
     )
-    recorder = _RecordingCollator(_stack_rows)
+    recorder = _RecordingCollator(collate_rows)
     trainer = _StreamingSFTTrainer(
         model=model,
         args=args,
@@ -218,10 +237,12 @@ def run_worker(
         train_dataset=datasets.Dataset.from_list([{"input_ids": [0], "labels": [-100]}]),
         data_collator=recorder,
         processing_class=tokenizer,
-        callbacks=[progress, committer],
+        callbacks=[c for c in (evaluator, progress, committer) if c is not None],
         peft_config=LoraConfig(**strategy.lora) if strategy.lora else None,
     )
     trainer.train_dataset = train_dataset
+    if evaluator is not None:
+        evaluator.trainer = trainer
     sink.emit({"kind": "start", "rank": rank, "world_size": world_size, "resumed_from": resume_step})
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     committer.finish()

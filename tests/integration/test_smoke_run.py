@@ -72,6 +72,29 @@ def test_run_directory_layout(smoke_run):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_data_plan_packing_and_eval_loss(smoke_run):
+    result, out, _ = smoke_run
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["seed"] == 42
+    reports = [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank-*.json"))]
+    for report in reports:
+        assert report["data"]["packing_efficiency"] >= 0.95
+        (source,) = report["data"]["sources"]
+        assert source["samples"] > 400 and source["bad"] == 0
+    # The smoke job holds out 5% (eval_every_n_steps: 50) and evaluates at the end too.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(evals) == [50, 100, 120]
+    assert evals[120] < evals[50] < records[0]["loss"]
+    assert "eval loss" in result.stdout
+    # Each checkpoint holds every rank's data cursor.
+    step = sorted((out / "checkpoints").glob("step-*"))[-1]
+    cursors = sorted(p.name for p in (step / "data-cursor").iterdir())
+    assert cursors == ["rank-00000.json", "rank-00001.json"]
+    cursor = json.loads((step / "data-cursor" / "rank-00001.json").read_text())
+    assert cursor["rank"] == 1 and cursor["rows"] == 120 * 4
+
+
 def test_final_model_loads_and_generates(smoke_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
