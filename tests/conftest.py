@@ -36,12 +36,13 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Pat
 
 
 def run_torchrun(job_yaml: Path, env: dict[str, str], *overrides: str, nproc: int = 2):
-    """The worker program under plain torchrun, as the Slurm torchrun template starts it."""
+    """The worker program under torchrun, through the wrapper the Slurm torchrun template uses
+    (plain torchrun plus exit codes 75 and 2 passed through)."""
     return subprocess.run(
         [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "sft_cluster.launch.slurm_torchrun",
             "--nproc_per_node",
             str(nproc),
             "-m",

@@ -11,6 +11,8 @@
   or was ended by the agent's own SIGTERM (torchrun stops the remaining
   workers as soon as the first one exits non-zero; every rank exits 75 only
   after the checkpoint of that step is committed, so nothing is lost).
+  Likewise exit 2 (a mistake in the job or its data, already explained by the
+  worker) stays 2, so the batch script neither requeues nor hides it.
 
 Usage: ``python -m sft_cluster.launch.slurm_torchrun [--ignore-signal SIG] TORCHRUN_ARGS...``
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from sft_cluster.exitcodes import PREEMPTED
+from sft_cluster.exitcodes import PREEMPTED, USER_ERROR
 
 
 def _signal(name: str) -> signal.Signals:
@@ -44,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
-        preempted = PREEMPTED in codes and codes <= {PREEMPTED, -signal.SIGTERM}
-        return PREEMPTED if preempted else 1
+        for code in (PREEMPTED, USER_ERROR):
+            if code in codes and codes <= {code, -signal.SIGTERM}:
+                return code
+        return 1
     return 0
 
 

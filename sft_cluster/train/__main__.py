@@ -14,6 +14,7 @@ import time
 import torch.distributed as dist
 
 from sft_cluster import exitcodes
+from sft_cluster.data import DataError
 from sft_cluster.spec import SpecError, load_job
 from sft_cluster.tracking import finalize_run, run_dir_of
 from sft_cluster.train.worker import run_worker
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return exitcodes.USER_ERROR
     started_at = time.time()
-    report = run_worker(job)
+    try:
+        report = run_worker(job)
+    except DataError as exc:  # the user's data or plan, not a crash: say what, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.USER_ERROR
     if dist.is_initialized():
         dist.destroy_process_group()
     status = "preempted" if report["preempted"] else "completed"
