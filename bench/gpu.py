@@ -111,7 +111,8 @@ def run_strategy(name: str, args: argparse.Namespace, model: Path, data: Path, r
         "name": f"bench-gpu-{name}",
         "output_uri": str(out),
         "model": {"name_or_path": str(model), "from_config": True, "attn_implementation": args.attn},
-        "data": {"sources": [{"uri": str(data)}], "max_seq_len": args.seq_len, "packing": True},
+        # Long synthetic answers: cut at max_seq_len rather than dropped.
+        "data": {"sources": [{"uri": str(data)}], "max_seq_len": args.seq_len, "truncation": "truncate"},
         "train": {
             "max_steps": args.steps,
             "micro_batch_size": args.micro_batch,
