@@ -318,10 +318,20 @@ def logs(
 
 
 @app.command()
-def stop(job_id: IdArg, cluster: ClusterOpt = None) -> None:
-    """Stop a running job."""
-    _call(_backend_for(job_id, cluster).stop, job_id)
-    console.print(f"stop requested for {job_id}")
+def stop(
+    job_id: IdArg,
+    cluster: ClusterOpt = None,
+    now: Annotated[
+        bool, typer.Option("--now", help="End it at once: steps since the last checkpoint are lost.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the checkpoint and the end of the job.")
+    ] = 600,
+) -> None:
+    """Stop a job: it checkpoints and ends (resume it later), or with --now ends at once."""
+    console.print(f"stop requested for {job_id}" + (" (now)" if now else ": checkpointing, then ending"))
+    final = _call(_backend_for(job_id, cluster).stop, job_id, now=now, wait_seconds=timeout)
+    console.print(f"job {job_id}: {final.state}" + (f"  {final.message}" if final.message else ""))
 
 
 @app.command("list")

@@ -82,6 +82,8 @@ class Backend(Protocol):
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]: ...
 
-    def stop(self, job_id: str) -> None: ...
+    def stop(self, job_id: str, now: bool = False, wait_seconds: float = 600) -> JobState:
+        """Ask the job to checkpoint and end, and wait (up to ``wait_seconds``) until it has;
+        ``now``: end it at once (work since the last commit is lost). Returns its final state."""
 
     def list(self) -> list[JobState]: ...

@@ -3,6 +3,8 @@
 Layout under ``output_uri``::
 
     job.yaml         the resolved job, overrides applied
+    run.json         the run that owns the directory, and what its data cursors depend on
+    control/stop     a stop request (``sft-cluster stop``) the driver polls
     metrics.jsonl    one JSON object per logged step
     events.jsonl     what happened to the run: resumes (with the step), preemptions
     checkpoints/     step-NNNNNNNN/ folders, committed ones carry COMMITTED
@@ -15,7 +17,7 @@ Layout under ``output_uri``::
 
 from sft_cluster.tracking.metrics import JsonlLog, read_jsonl
 from sft_cluster.tracking.plot import plot_loss
-from sft_cluster.tracking.rundir import RunDir, run_dir_of
+from sft_cluster.tracking.rundir import RUN_ID_ENV, RunDir, run_dir_of
 from sft_cluster.tracking.summary import finalize_run
 
-__all__ = ["JsonlLog", "RunDir", "finalize_run", "plot_loss", "read_jsonl", "run_dir_of"]
+__all__ = ["RUN_ID_ENV", "JsonlLog", "RunDir", "finalize_run", "plot_loss", "read_jsonl", "run_dir_of"]

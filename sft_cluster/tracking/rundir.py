@@ -9,6 +9,10 @@ from typing import Any
 from sft_cluster import storage
 from sft_cluster.spec import JobSpec
 
+# Set by a launcher whose restarts rerun the whole program (a requeued Slurm job, a Ray Job's
+# submission id), so a restart is recognised as the same run; otherwise each start is a new run.
+RUN_ID_ENV = "SFT_CLUSTER_RUN_ID"
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -46,6 +50,16 @@ class RunDir:
     def strategy(self) -> str:
         """The generated accelerate/DeepSpeed settings, for the record."""
         return storage.join(self.uri, "strategy.json")
+
+    @property
+    def owner(self) -> str:
+        """``run.json``: which run owns this directory and the settings its data cursors depend on."""
+        return storage.join(self.uri, "run.json")
+
+    @property
+    def stop_request(self) -> str:
+        """``control/stop``: JSON ``{"run_id": ...}``; the driver of that run checkpoints and ends."""
+        return storage.join(self.uri, "control", "stop")
 
     @property
     def final(self) -> str:
