@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -28,9 +29,9 @@ from sft_cluster import exitcodes, storage
 from sft_cluster.console import ProgressDisplay
 from sft_cluster.data import DataError
 from sft_cluster.spec import JobSpec, dump_job_yaml, load_job
-from sft_cluster.tracking import finalize_run, run_dir_of
-from sft_cluster.train.dataplan import ensure_plan
+from sft_cluster.tracking import RunDir, finalize_run, run_dir_of
 from sft_cluster.train.environment import ray_worker_runtime_env
+from sft_cluster.train.runstart import RunComplete, RunRefused, claim_run
 
 # Worker processes keep the driver's working directory (relative paths in the job file).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -131,10 +132,54 @@ def _stop_requests_to(channel: Any, job: JobSpec) -> Iterator[None]:
             signal.signal(getattr(signal, name), old)
 
 
-def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event) -> None:
+class StopFile:
+    """``sft-cluster stop`` writes ``control/stop`` naming the run; the driver polls it.
+
+    A request that names another run (left from an earlier stop of this directory) is
+    removed at start and never acted on.
+    """
+
+    POLL_SECONDS = 2.0
+
+    def __init__(self, run: RunDir, run_id: str):
+        self.run = run
+        self.run_id = run_id
+        self._next_poll = 0.0
+
+    def _named_run(self) -> str | None:
+        try:
+            return json.loads(storage.read_text(self.run.stop_request, self.run.options)).get("run_id")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+
+    def clear(self, only_stale: bool = False) -> None:
+        if storage.exists(self.run.stop_request, self.run.options) and not (
+            only_stale and self._named_run() == self.run_id
+        ):
+            fs, path = storage.filesystem(self.run.stop_request, self.run.options)
+            fs.rm(path)
+
+    def requested(self) -> bool:
+        """Whether this run was asked to stop (reads storage at most every POLL_SECONDS)."""
+        if time.monotonic() < self._next_poll:
+            return False
+        self._next_poll = time.monotonic() + self.POLL_SECONDS
+        with contextlib.suppress(OSError):
+            return self._named_run() == self.run_id
+        return False
+
+
+def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event, stop_file: StopFile) -> None:
+    asked = False
     while not stop.is_set():
         with contextlib.suppress(ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             display.handle(ray.get(channel.drain.remote(), timeout=10))
+        if not asked and stop_file.requested():
+            asked = True
+            display.handle(
+                [{"kind": "notice", "message": "stop requested (sft-cluster stop): checkpointing"}]
+            )
+            channel.request_stop.remote()
         stop.wait(0.25)
     display.handle(ray.get(channel.drain.remote()))
 
@@ -157,21 +202,31 @@ def run_training(
     """Train ``job`` on the Ray cluster this process is connected to; returns the summary."""
     started_at = started_at or time.time()
     run = run_dir_of(job)
+    resources = job.resources
+    try:
+        start = claim_run(job, resources.num_workers, console.print)
+    except (DataError, RunRefused) as exc:
+        # Refused before anything was written: the run directory is as it was.
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return {"name": job.name, "status": "rejected", "error": str(exc), "output_uri": run.uri}
+    except RunComplete as exc:
+        console.print(str(exc), highlight=False)
+        return (
+            run.read_json(run.summary)
+            if storage.exists(run.summary, run.options)
+            else {"name": job.name, "status": "completed", "output_uri": run.uri}
+        )
     storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)
     # Reports of an earlier attempt must not speak for this one.
     fs, workers = storage.filesystem(storage.join(run.uri, "workers"), run.options)
     if fs.exists(workers):
         fs.rm(workers, recursive=True)
-    resources = job.resources
+    stop_file = StopFile(run, start.run_id)
+    stop_file.clear(only_stale=True)
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    try:
-        ensure_plan(job, resources.num_workers, console.print)
-    except DataError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return finalize_run(run, name=job.name, status="failed", started_at=started_at, error=str(exc))
     channel = ProgressChannel.remote()
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -195,7 +250,7 @@ def run_training(
     status, error = "failed", None
     stop = threading.Event()
     with ProgressDisplay(console, job.train.max_steps) as display, _stop_requests_to(channel, job):
-        follower = threading.Thread(target=_follow, args=(channel, display, stop), daemon=True)
+        follower = threading.Thread(target=_follow, args=(channel, display, stop, stop_file), daemon=True)
         follower.start()
         try:
             trainer.fit()
@@ -207,6 +262,7 @@ def run_training(
         finally:
             stop.set()
             follower.join(timeout=15)
+    stop_file.clear()  # honoured (or too late): a later resume must not stop at once
     return finalize_run(
         run,
         name=job.name,

@@ -8,5 +8,5 @@ USER_ERROR = 2
 
 
 def for_status(status: str) -> int:
-    """Process exit code for a run's final ``status``."""
-    return {"completed": 0, "preempted": PREEMPTED}.get(status, 1)
+    """Process exit code for a run's final ``status`` ("rejected": refused before it started)."""
+    return {"completed": 0, "preempted": PREEMPTED, "rejected": USER_ERROR}.get(status, 1)

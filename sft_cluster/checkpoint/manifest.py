@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,3 +47,33 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         return cls(step=data["step"], files=data["files"], metadata=data.get("metadata", {}))
+
+
+# Files only one rank reads back: its RNG state, its data cursor, its DeepSpeed ZeRO partition.
+# Everything else (the DDP model and optimizer, the trainer state, DCP shards, which any rank
+# may read from) is needed by every node.
+_RANK_FILES = (
+    re.compile(r"(?:^|/)rng_state_(\d+)\.pth$"),
+    re.compile(r"(?:^|/)data-cursor/rank-(\d+)\.json$"),
+    re.compile(r"(?:^|/)[^/]*zero_pp_rank_(\d+)_[^/]*$"),
+)
+
+
+def owning_rank(rel: str) -> int | None:
+    """The one rank that reads ``rel`` on resume, or None when every rank may."""
+    for pattern in _RANK_FILES:
+        match = pattern.search(rel)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def files_to_fetch(manifest: Manifest, ranks: list[int], shared: bool) -> list[str]:
+    """What to download for ``ranks`` (the ranks of one process, or of one node's fetcher).
+
+    ``shared``: also the files no single rank owns (fetched once per node).
+    """
+    wanted = set(ranks)
+    return sorted(
+        rel for rel in manifest.files if (owner := owning_rank(rel)) in wanted or (owner is None and shared)
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -31,6 +32,8 @@ class CheckpointStore:
         self.uri = storage.join(run_uri, "checkpoints")
         self.options = options or {}
         self.fs, self.path = storage.filesystem(self.uri, self.options)
+        # Steps this process has seen verify (or wrote itself): retention need not hash them again.
+        self._verified: set[int] = set()
 
     def step_uri(self, step: int) -> str:
         return storage.join(self.uri, f"step-{step:08d}")
@@ -51,6 +54,19 @@ class CheckpointStore:
     def committed_steps(self) -> list[int]:
         return [s for s in self.steps() if self.is_committed(s)]
 
+    def begin(self, step: int) -> None:
+        """Before any file of a (re-)save lands in ``step``'s folder: it must stop looking committed.
+
+        A step can be saved again after its commit failed verification and was retrained;
+        the old ``COMMITTED`` goes first, then the manifest, so a crash mid-upload leaves a
+        folder that is plainly incomplete instead of one whose marker vouches for mixed files.
+        """
+        base = self._step_path(step)
+        for name in (COMMITTED, MANIFEST):
+            if self.fs.exists(f"{base}/{name}"):
+                storage.retrying(self.fs.rm, f"{base}/{name}", what=f"removing {name} of step {step}")
+        self._verified.discard(step)
+
     def upload(self, local_dir: Path, step: int) -> None:
         """Copy a local checkpoint folder's files into the step folder (not committed yet)."""
         target = self._step_path(step)
@@ -64,7 +80,15 @@ class CheckpointStore:
         for rel in relative_paths:
             destination = f"{target}/{rel}"
             self.fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(local_root / rel), destination)
+            storage.retrying(self.fs.put_file, str(local_root / rel), destination, what=f"uploading {rel}")
+
+    def download_files(self, step: int, relative_paths: list[str], local_dir: Path) -> None:
+        """Copy some files of a step folder into ``local_dir`` (one rank's or one node's share)."""
+        base = self._step_path(step)
+        for rel in relative_paths:
+            destination = local_dir / rel
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            storage.retrying(self.fs.get_file, f"{base}/{rel}", str(destination), what=f"downloading {rel}")
 
     def commit(self, manifest: Manifest) -> str:
         """Write the manifest, then ``COMMITTED``: from that moment the checkpoint counts."""
@@ -73,13 +97,19 @@ class CheckpointStore:
         storage.write_text(storage.join(step_uri, COMMITTED), f"{manifest.step}\n", self.options)
         return step_uri
 
+    def read_manifest(self, step: int) -> Manifest:
+        """``step``'s manifest, unverified; ValueError when it is missing or unreadable."""
+        try:
+            return Manifest.from_json(self.fs.cat_file(f"{self._step_path(step)}/{MANIFEST}").decode())
+        except FileNotFoundError:
+            raise ValueError("manifest.json is missing") from None
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"manifest.json is unreadable ({exc})") from None
+
     def verify(self, step: int, fast: bool = False) -> Manifest:
         """The manifest of ``step`` if every file matches it; raises ValueError naming the problem."""
         base = self._step_path(step)
-        try:
-            manifest = Manifest.from_json(self.fs.cat_file(f"{base}/{MANIFEST}").decode())
-        except FileNotFoundError:
-            raise ValueError("manifest.json is missing") from None
+        manifest = self.read_manifest(step)
         for rel, expected in manifest.files.items():
             path = f"{base}/{rel}"
             try:
@@ -95,7 +125,21 @@ class CheckpointStore:
                         digest.update(chunk)
                 if digest.hexdigest() != expected["sha256"]:
                     raise ValueError(f"{rel} does not match its sha256 in the manifest")
+        if not fast:
+            self._verified.add(step)
         return manifest
+
+    def mark_verified(self, step: int) -> None:
+        """``step`` was just committed from files this process hashed itself."""
+        self._verified.add(step)
+
+    def _verifies(self, step: int, fast: bool) -> bool:
+        try:
+            self.verify(step, fast=fast or step in self._verified)
+        except (ValueError, OSError) as exc:
+            log.warning("retention does not count %s: %s", self.step_uri(step), exc)
+            return False
+        return True
 
     def latest(
         self, fast: bool = False, on_skip: Callable[[str], None] | None = None
@@ -123,29 +167,31 @@ class CheckpointStore:
             return CommittedCheckpoint(step, uri, manifest)
         return None
 
-    def download(self, step: int, local_dir: Path) -> Path:
-        """Copy a step folder to ``local_dir`` (or use it in place when it is local)."""
-        if storage.is_local(self.uri):
-            return Path(self._step_path(step))
-        local_dir.mkdir(parents=True, exist_ok=True)
-        self.fs.get(self._step_path(step) + "/", str(local_dir) + "/", recursive=True)
-        return local_dir
+    def local_folder(self, step: int) -> Path | None:
+        """``step``'s folder as a local path when the store is local (resume reads it in place)."""
+        return Path(self._step_path(step)) if storage.is_local(self.uri) else None
 
-    def prune(self, keep_last: int, keep_every: int | None = None) -> list[int]:
+    def prune(self, keep_last: int, keep_every: int | None = None, fast: bool = False) -> list[int]:
         """Delete old checkpoints; returns the steps deleted.
 
-        Keeps the newest ``keep_last`` committed ones and every multiple of
-        ``keep_every``. Uncommitted folders older than the newest committed
-        one are leftovers of interrupted saves and go too; newer ones may be a
-        save in progress and stay.
+        Only commits that verify count: the newest ``keep_last`` of them stay, and every
+        multiple of ``keep_every``. Anything older than the newest verified commit and not
+        kept goes (superseded commits, corrupt ones, leftovers of interrupted saves); newer
+        folders stay (a save in progress, or a corrupt commit nothing replaced yet). With no
+        verified commit nothing is deleted. ``fast`` checks sizes only, as ``resume --fast``.
         """
-        committed = self.committed_steps()
-        if not committed:
+        verified: list[int] = []
+        for step in reversed(self.committed_steps()):
+            if len(verified) == keep_last:
+                break
+            if self._verifies(step, fast):
+                verified.append(step)
+        if not verified:
             return []
-        keep = set(committed[-keep_last:])
+        keep = set(verified)
         if keep_every:
-            keep |= {s for s in committed if s % keep_every == 0}
-        newest = committed[-1]
+            keep |= {s for s in self.committed_steps() if s % keep_every == 0}
+        newest = verified[0]
         doomed = [s for s in self.steps() if s not in keep and s < newest]
         for step in doomed:
             path = self._step_path(step)
@@ -153,4 +199,5 @@ class CheckpointStore:
             if self.fs.exists(f"{path}/{COMMITTED}"):
                 self.fs.rm(f"{path}/{COMMITTED}")
             self.fs.rm(path, recursive=True)
+            self._verified.discard(step)
         return doomed

@@ -16,13 +16,17 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from sft_cluster.storage.retry import is_transient, retrying
+
 __all__ = [
     "exists",
     "filesystem",
     "is_local",
+    "is_transient",
     "join",
     "local_path",
     "read_text",
+    "retrying",
     "storage_options_for",
     "upload_dir",
     "write_text",
@@ -44,10 +48,16 @@ def local_path(uri: str) -> Path:
 def storage_options_for(uri: str, endpoint_url: str | None, options: dict[str, Any]) -> dict:
     """fsspec options for ``uri``: the job's options plus the S3 endpoint, if any."""
     merged = dict(options)
-    if uri.startswith(("s3://", "s3a://")) and endpoint_url:
-        client_kwargs = dict(merged.get("client_kwargs", {}))
-        client_kwargs.setdefault("endpoint_url", endpoint_url)
-        merged["client_kwargs"] = client_kwargs
+    if uri.startswith(("s3://", "s3a://")):
+        if endpoint_url:
+            client_kwargs = dict(merged.get("client_kwargs", {}))
+            client_kwargs.setdefault("endpoint_url", endpoint_url)
+            merged["client_kwargs"] = client_kwargs
+        # botocore's "standard" mode retries throttling and dropped connections with backoff;
+        # its default (legacy, 5 attempts) gives up within seconds of a blip.
+        config = dict(merged.get("config_kwargs", {}))
+        config.setdefault("retries", {"max_attempts": 10, "mode": "standard"})
+        merged["config_kwargs"] = config
     return merged
 
 
@@ -96,8 +106,12 @@ def write_text(uri: str, text: str, options: dict[str, Any] | None = None) -> No
             raise
         return
     fs, path = filesystem(uri, options)
-    with fs.open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+
+    def put() -> None:
+        with fs.open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    retrying(put, what=f"writing {uri}")
 
 
 def upload_dir(local_dir: Path, uri: str, options: dict[str, Any] | None = None) -> None:

@@ -17,6 +17,7 @@ from sft_cluster import exitcodes
 from sft_cluster.data import DataError
 from sft_cluster.spec import SpecError, load_job
 from sft_cluster.tracking import finalize_run, run_dir_of
+from sft_cluster.train.runstart import RunComplete, RunRefused
 from sft_cluster.train.worker import run_worker
 
 
@@ -34,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.time()
     try:
         report = run_worker(job)
-    except DataError as exc:  # the user's data or plan, not a crash: say what, exit 2
+    except (DataError, RunRefused) as exc:  # the user's data, plan or run directory: say what, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.USER_ERROR
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    except RunComplete as exc:
+        print(exc, file=sys.stderr)
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     status = "preempted" if report["preempted"] else "completed"
     if report["rank"] == 0:
         run = run_dir_of(job)

@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from sft_cluster.checkpoint import CheckpointStore, Manifest
-from sft_cluster.checkpoint.manifest import sha256_file
+from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file
 from sft_cluster.spec import CheckpointSpec
-from sft_cluster.train import signals
+from sft_cluster.train import signals, staging
 
 log = logging.getLogger("sft_cluster.checkpoint")
 
@@ -111,20 +112,29 @@ class CommitCallback(TrainerCallback):
         world_size: int,
         on_commit: Callable[[int], None] | None = None,
         stage_extra: Callable[[Path, int], None] | None = None,
+        before_commit: Callable[[int], None] | None = None,
+        metadata: dict[str, Any] | None = None,
+        verify_fast: bool = False,
     ):
-        """``stage_extra(folder, step)`` adds this rank's own files (its data cursor) to a checkpoint."""
+        """``stage_extra(folder, step)`` adds this rank's own files (its data cursor) to a checkpoint;
+        rank 0 calls ``before_commit(step)`` just before ``COMMITTED`` (make metrics durable) and
+        writes ``metadata`` into every manifest."""
         self.store = store
         self.stage_extra = stage_extra
         self.spec = spec
         self.rank = rank
         self.world_size = world_size
         self.on_commit = on_commit
+        self.before_commit = before_commit
+        self.metadata = metadata or {}
+        self.verify_fast = verify_fast
         self.pending: _Upload | None = None
         self.stopped_for_preemption = False
         self.committed: list[int] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _any_true(signals.STOP_REQUESTED.is_set()):
+        # At the last step a stop request changes nothing: the run completes, with final/.
+        if _any_true(signals.STOP_REQUESTED.is_set()) and state.global_step < state.max_steps:
             # Every rank stops at the same step, after saving it.
             self.stopped_for_preemption = True
             control.should_save = True
@@ -138,8 +148,10 @@ class CommitCallback(TrainerCallback):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.stage_extra is not None:
             self.stage_extra(local, state.global_step)
+        if self.rank == 0:
+            self.store.begin(state.global_step)  # a re-saved step stops looking committed first
         if _distributed():
-            dist.barrier()  # every rank's files are staged
+            dist.barrier()  # every rank's files are staged, and the old marker is gone
         files = files_of_rank(local, self.rank, self.world_size)
         self.pending = _Upload(self.store, local, files, state.global_step)
         if not self.spec.async_upload:
@@ -156,21 +168,33 @@ class CommitCallback(TrainerCallback):
 
     def _commit(self) -> None:
         upload, self.pending = self.pending, None
-        if upload.error is not None:
-            raise RuntimeError(
-                f"uploading checkpoint step {upload.step} failed: {upload.error}"
-            ) from upload.error
-        shares = [upload.hashes]
+        # Every rank learns of any rank's failure in the same collective: nobody waits for a
+        # share that will never come.
+        error = None if upload.error is None else f"{type(upload.error).__name__}: {upload.error}"
+        shares = [{"hashes": upload.hashes, "error": error}]
         if _distributed():
             shares = [None] * self.world_size
-            dist.all_gather_object(shares, upload.hashes)
+            dist.all_gather_object(shares, {"hashes": upload.hashes, "error": error})
+        failed = [(rank, share["error"]) for rank, share in enumerate(shares) if share["error"]]
+        if failed:
+            where = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
+            raise RuntimeError(
+                f"uploading checkpoint step {upload.step} failed ({where}); it is not committed"
+            ) from upload.error
         if self.rank == 0:
             files: dict[str, dict[str, Any]] = {}
             for share in shares:
-                files.update(share)
-            manifest = Manifest(step=upload.step, files=files, metadata={"world_size": self.world_size})
+                files.update(share["hashes"])
+            manifest = Manifest(
+                step=upload.step, files=files, metadata={"world_size": self.world_size, **self.metadata}
+            )
+            if self.before_commit is not None:
+                self.before_commit(upload.step)
             uri = self.store.commit(manifest)
-            deleted = self.store.prune(self.spec.keep_last, self.spec.keep_every_n_steps)
+            self.store.mark_verified(upload.step)
+            deleted = self.store.prune(
+                self.spec.keep_last, self.spec.keep_every_n_steps, fast=self.verify_fast
+            )
             log.info(
                 "committed %s (%.1f s after save); pruned %s", uri, time.monotonic() - upload.started, deleted
             )
@@ -184,12 +208,33 @@ class CommitCallback(TrainerCallback):
 
 def find_resume_step(
     store: CheckpointStore, rank: int, fast: bool = False, on_skip: Callable[[str], None] | None = None
-) -> int | None:
-    """Rank 0 picks the newest verified commit; every rank gets the same answer."""
-    choice = [None]
+) -> tuple[int, str] | None:
+    """Rank 0 picks the newest verified commit; every rank gets the same (step, fetch token)."""
+    choice: list[Any] = [None]
     if rank == 0:
         latest = store.latest(fast=fast, on_skip=on_skip)
-        choice = [latest.step if latest else None]
+        choice = [(latest.step, uuid.uuid4().hex[:16]) if latest else None]
     if _distributed():
         dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def fetch_checkpoint(
+    store: CheckpointStore, step: int, token: str, rank: int, local_rank: int | None
+) -> Path:
+    """The folder to resume from: each rank fetches only its own files, and the first rank
+    of each node the files every rank reads, into one folder the node's ranks share.
+
+    A local run directory is used in place. Without a ``LOCAL_RANK`` (nothing says which
+    ranks share a node) each rank fetches the shared files into a folder of its own.
+    """
+    in_place = store.local_folder(step)
+    if in_place is not None:
+        return in_place
+    manifest = store.read_manifest(step)
+    owner = local_rank in (None, 0)
+    folder = staging.node_folder(token if local_rank is not None else f"{token}-r{rank}", owner=owner)
+    store.download_files(step, files_to_fetch(manifest, [rank], shared=owner), folder)
+    if _distributed():
+        dist.barrier()  # the node's shared files are in place
+    return folder

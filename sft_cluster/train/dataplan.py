@@ -3,8 +3,7 @@
 The plan is made once per run (``plan.json`` in the run directory) and
 reused by every restart and resume, because the cursors saved in the
 checkpoints only make sense for the plan they were made with. A fresh run
-(no committed checkpoint, or ``checkpoint.resume: never``) lists the sources
-again and plans anew.
+(no committed checkpoint) lists the sources again and plans anew.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from sft_cluster import storage
-from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import run_dir_of
@@ -53,11 +51,9 @@ def _fits(plan: ShardPlan, job: JobSpec, world_size: int) -> list[str]:
     return problems
 
 
-def ensure_plan(job: JobSpec, world_size: int, notify: Callable[[str], None]) -> ShardPlan:
+def ensure_plan(job: JobSpec, world_size: int, notify: Callable[[str], None], resuming: bool) -> ShardPlan:
     """The plan of this run: the saved one when resuming (warning if the listing changed), else a new one."""
     run = run_dir_of(job)
-    committed = CheckpointStore(run.uri, run.options).committed_steps()
-    resuming = job.checkpoint.resume == "auto" and bool(committed)
     if resuming and storage.exists(run.plan, run.options):
         plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
         problems = _fits(plan, job, world_size)

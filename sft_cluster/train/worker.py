@@ -8,12 +8,9 @@ group the launcher already created.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +25,26 @@ from trl import SFTConfig, SFTTrainer
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import ShardPlan, list_sources, make_plan
+from sft_cluster.data import DataError, ShardPlan, list_sources, make_plan
 from sft_cluster.data.evalset import eval_batches, eval_data, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
-from sft_cluster.train import signals
+from sft_cluster.train import signals, staging
 from sft_cluster.train.callbacks import ProgressCallback
-from sft_cluster.train.checkpointing import CommitCallback, find_resume_step
-from sft_cluster.train.dataplan import cursor_file, ensure_plan, read_cursor
+from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step
+from sft_cluster.train.dataplan import cursor_file, read_cursor
 from sft_cluster.train.evaluation import EvalCallback
-from sft_cluster.train.model import build_model, load_tokenizer, parameter_share, save_final_model
+from sft_cluster.train.model import build_model, load_tokenizer, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
+from sft_cluster.train.report import RecordingCollator, worker_report
+from sft_cluster.train.runstart import (
+    RunComplete,
+    RunRefused,
+    claim_run,
+    cursor_settings,
+    template_fingerprint,
+)
 from sft_cluster.train.strategy import (
     StrategyPlan,
     plan_strategy,
@@ -47,20 +52,6 @@ from sft_cluster.train.strategy import (
     prepare_trainer,
     resolve_precision,
 )
-
-
-class _RecordingCollator:
-    """Wraps the collator to fingerprint every row this rank trains on."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.row_digests: list[str] = []
-
-    def __call__(self, features):
-        for row in features:
-            digest = hashlib.sha1(row["input_ids"].numpy().tobytes()).hexdigest()[:16]
-            self.row_digests.append(digest)
-        return self.inner(features)
 
 
 def _sft_config(
@@ -123,6 +114,13 @@ class _StreamingSFTTrainer(SFTTrainer):
             generator=torch.Generator().manual_seed(self.args.seed),
         )
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed at its last step (final/ missing): nothing is left to train; HF would run one more.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
 
 def _plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
     """Rank 0 lists and plans (once for the world); every rank gets the same plan."""
@@ -132,12 +130,31 @@ def _plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
     return ShardPlan.from_json(text[0])
 
 
-def _training_plan(job: JobSpec, world_size: int, make: bool, sink: ProgressSink) -> ShardPlan:
-    """The run's saved plan, or (when no driver made one) a new one."""
-    if make:
-        return ensure_plan(job, world_size, lambda message: sink.emit({"kind": "notice", "message": message}))
-    run = run_dir_of(job)
-    return ShardPlan.from_json(storage.read_text(run.plan, run.options))
+_OUTCOMES = {"refused": RunRefused, "complete": RunComplete, "data": DataError}
+
+
+def _claimed_plan(job: JobSpec, rank: int, world_size: int, claim: bool, sink: ProgressSink) -> ShardPlan:
+    """The run's plan. ``claim``: no driver claimed the run (torchrun), so rank 0 does it here;
+    a refusal reaches every rank, which raises it too."""
+    outcome: list[Any] = [None]
+    if rank == 0:
+        run = run_dir_of(job)
+        try:
+            if claim:
+                notify = lambda message: sink.emit({"kind": "notice", "message": message})  # noqa: E731
+                plan = claim_run(job, world_size, notify).plan
+            else:
+                plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
+            outcome = [("plan", plan.to_json())]
+        except (RunRefused, RunComplete, DataError) as exc:
+            kind = next(k for k, cls in _OUTCOMES.items() if isinstance(exc, cls))
+            outcome = [(kind, str(exc))]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    kind, text = outcome[0]
+    if kind != "plan":
+        raise _OUTCOMES[kind](text)
+    return ShardPlan.from_json(text)
 
 
 def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPlan, tokenizer) -> EvalCallback:
@@ -160,45 +177,99 @@ def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPla
 def run_worker(
     job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool = False, make_plan: bool = True
 ) -> dict[str, Any]:
-    """Train ``job`` on this rank, resuming from the newest committed checkpoint.
+    """Train ``job`` on this rank, resuming from the newest committed checkpoint of the run.
 
     Rank 0 writes metrics, events and the final model. Returns this rank's
     report; ``report["preempted"]`` is true when a stop request ended training
     early, right after a committed checkpoint. ``make_plan=False``: a driver
-    already wrote the run's data plan.
+    already claimed the run and wrote its data plan. Raises RunRefused or
+    RunComplete (on every rank) when rank 0's claim says so.
     """
     started = time.time()
-    sink = sink or LogSink()
     signals.install(job.checkpoint.preemption_signals)  # a no-op off the main thread
+    staging.sweep()  # folders of attempts that were killed on this node
+    with staging.staging(f"{job.name}-rank{_world()[0]}") as stage:
+        return _train(job, sink or LogSink(), verify_fast, make_plan, stage, started)
+
+
+def _resume_point(
+    store: CheckpointStore, rank: int, verify_fast: bool, sink: ProgressSink
+) -> tuple[int | None, Path | None]:
+    """(step, folder) of the newest verified commit of this run, fetched for this rank; or Nones."""
+    found = find_resume_step(
+        store, rank, fast=verify_fast, on_skip=lambda m: sink.emit({"kind": "notice", "message": m})
+    )
+    if found is None:
+        return None, None
+    step, token = found
+    local_rank = os.environ.get("LOCAL_RANK")
+    return step, fetch_checkpoint(store, step, token, rank, int(local_rank) if local_rank else None)
+
+
+def _train(
+    job: JobSpec, sink: ProgressSink, verify_fast: bool, make_plan: bool, stage: Path, started: float
+) -> dict[str, Any]:
     rank, _ = _world()
     on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
     precision = resolve_precision(job, on_gpu and torch.cuda.is_bf16_supported())
     run = run_dir_of(job)
-    staging = Path(tempfile.mkdtemp(prefix=f"sftc-{job.name}-rank{rank}-"))
     if rank == 0 and "tensorboard" in job.tracking:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage / "tensorboard")
 
     tokenizer = load_tokenizer(job.model)
     strategy = plan_strategy(job, _world()[1], precision, on_gpu)
     prepare_process(strategy, on_gpu)
-    args = _sft_config(job, str(staging / "trainer"), precision, on_gpu, strategy)
+    args = _sft_config(job, str(stage / "trainer"), precision, on_gpu, strategy)
     _ = args.device  # sets up the distributed state
     prepare_trainer(strategy, on_gpu)
+    rank, world_size = _world()
+    data_plan = _claimed_plan(job, rank, world_size, make_plan, sink)
     # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
     model = build_model(job.model, job.train.seed)
-    rank, world_size = _world()
     if rank == 0:
         run.write_json(run.strategy, strategy.record())
-    data_plan = _plan_from_rank0(rank, lambda: _training_plan(job, world_size, make_plan, sink))
     store = CheckpointStore(run.uri, run.options)
-    resume_step = resume_dir = cursor = None
-    if job.checkpoint.resume == "auto":
-        resume_step = find_resume_step(
-            store, rank, fast=verify_fast, on_skip=lambda m: sink.emit({"kind": "notice", "message": m})
+    # Whatever checkpoint.resume says: the claim refused other runs' commits, so these are ours.
+    resume_step, resume_dir = _resume_point(store, rank, verify_fast, sink)
+    try:
+        return _fit(
+            job,
+            sink,
+            args,
+            model,
+            tokenizer,
+            strategy,
+            data_plan,
+            store,
+            resume_step,
+            resume_dir,
+            stage,
+            started,
+            verify_fast,
         )
-    if resume_step is not None:
-        resume_dir = store.download(resume_step, staging / "resume")
-        cursor = read_cursor(resume_dir, rank)
+    finally:
+        if resume_dir is not None and resume_dir.name.startswith(staging.PREFIX):
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def _fit(
+    job: JobSpec,
+    sink: ProgressSink,
+    args: SFTConfig,
+    model,
+    tokenizer,
+    strategy: StrategyPlan,
+    data_plan: ShardPlan,
+    store: CheckpointStore,
+    resume_step: int | None,
+    resume_dir: Path | None,
+    stage: Path,
+    started: float,
+    verify_fast: bool,
+) -> dict[str, Any]:
+    rank, world_size = _world()
+    run = run_dir_of(job)
+    cursor = read_cursor(resume_dir, rank) if resume_dir is not None else None
     train_dataset = PackedDataset(
         data_plan, rank, job.data, job.storage, tokenizer, state=cursor, keep=train_filter(job.data)
     )
@@ -210,11 +281,13 @@ def run_worker(
         path.write_text(json.dumps(train_dataset.state_after(step * rows_per_step)))
 
     metrics = JsonlLog(run.metrics, run.options) if rank == 0 else None
-    if rank == 0 and resume_step is not None:
-        metrics.truncate_after(resume_step)
-        events = JsonlLog(run.events, run.options)
-        events.append({"event": "resumed", "step": resume_step, "time": time.time()})
-        events.close()
+    if metrics is not None:
+        # Steps past the resumed one (all of them on a fresh start) are trained, and logged, again.
+        metrics.truncate_after(resume_step or 0)
+        if resume_step is not None:
+            events = JsonlLog(run.events, run.options)
+            events.append({"event": "resumed", "step": resume_step, "time": time.time()})
+            events.close()
     evaluator = None
     if job.train.eval_every_n_steps:
         evaluator = _eval_callback(job, rank, world_size, data_plan, tokenizer)
@@ -228,8 +301,12 @@ def run_worker(
         world_size,
         on_commit=lambda step: sink.emit({"kind": "checkpoint", "step": step}),
         stage_extra=save_cursor,
+        # Metrics are durable at least up to every commit, also on object storage.
+        before_commit=(lambda step: metrics.sync()) if metrics is not None else None,
+        metadata={"cursor_settings": cursor_settings(job, template_fingerprint(tokenizer))},
+        verify_fast=verify_fast,
     )
-    recorder = _RecordingCollator(collate_rows)
+    recorder = RecordingCollator(collate_rows)
     trainer = _StreamingSFTTrainer(
         model=model,
         args=args,
@@ -250,51 +327,20 @@ def run_worker(
     if preempted:
         sink.emit({"kind": "preempted", "step": trainer.state.global_step})
     else:
-        final_local = staging / "final"
+        final_local = stage / "final"
         save_final_model(trainer, job, final_local)
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(str(final_local))
             storage.upload_dir(final_local, run.final, run.options)
     if rank == 0 and "tensorboard" in job.tracking:
-        storage.upload_dir(staging / "tensorboard", run.tensorboard, run.options)
+        storage.upload_dir(stage / "tensorboard", run.tensorboard, run.options)
     if metrics is not None:
         metrics.close()
-    report = _report(trainer, recorder, rank, world_size, started, progress)
+    report = worker_report(trainer, recorder, rank, world_size, started, progress)
     report["preempted"] = preempted
     report["data"] = {
         "packing_efficiency": train_dataset.rows.packing_efficiency,
         "sources": [dataclasses.asdict(c) for c in train_dataset.rows.samples.counters],
     }
     run.write_json(run.worker_report(rank), report)
-    shutil.rmtree(staging, ignore_errors=True)
     return report
-
-
-def _report(
-    trainer,
-    recorder: _RecordingCollator,
-    rank: int,
-    world_size: int,
-    started: float,
-    progress: ProgressCallback,
-) -> dict[str, Any]:
-    """What this rank did: topology and fingerprints, for tests and post-mortems."""
-    return {
-        "rank": rank,
-        "world_size": world_size,
-        "hostname": socket.gethostname(),
-        # Slurm's node name tells fake (or containerised) nodes on one host apart.
-        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-        "pid": os.getpid(),
-        "distributed_type": trainer.accelerator.distributed_type.value,
-        "model_wrapper": type(trainer.model_wrapped).__name__,
-        "model_class": type(trainer.model).__name__,
-        "parameter_share": parameter_share(trainer.model),
-        "device": str(trainer.args.device),
-        "steps": trainer.state.global_step,
-        "rows_seen": len(recorder.row_digests),
-        "row_digests": recorder.row_digests,
-        "started_at": started,
-        "first_step_at": progress.first_step_time,
-        "finished_at": time.time(),
-    }

@@ -18,7 +18,8 @@ from tests.conftest import isolated_environment, run_cli
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     home = tmp / "home"
-    env = isolated_environment(home)
+    # The full per-row fingerprints are opt-in (they grow with the run); this test compares them.
+    env = {**isolated_environment(home), "SFT_CLUSTER_RECORD_ROWS": "1"}
     out = tmp / "run"
     result = run_cli(["run", "jobs/smoke.yaml", f"output_uri={out}", "train.max_steps=120"], env)
     return result, out, home
@@ -54,6 +55,7 @@ def test_two_workers_really_trained_together(smoke_run):
     seen = [set(r["row_digests"]) for r in reports]
     assert all(len(s) > 50 for s in seen)
     assert not seen[0] & seen[1], "both ranks trained on the same rows"
+    assert all(len(r["rows_digest"]) == 32 and r["rows_seen"] == len(r["row_digests"]) for r in reports)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
 

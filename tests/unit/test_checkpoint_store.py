@@ -80,3 +80,70 @@ def test_prune_without_any_commit_deletes_nothing(store, tmp_path):
     _save(store, tmp_path, 10, commit=False)
     assert store.prune(keep_last=1) == []
     assert store.steps() == [10]
+
+
+def _corrupt_same_size(store: CheckpointStore, step: int) -> None:
+    path = f"{store.path}/step-{step:08d}/model.safetensors"
+    size = store.fs.size(path)
+    with store.fs.open(path, "wb") as handle:
+        handle.write(b"\xff" * size)
+
+
+def test_retention_counts_only_commits_that_verify(store, tmp_path):
+    """keep_last=1 with a corrupt newest commit must not delete the last good checkpoint."""
+    _save(store, tmp_path, 10)
+    _save(store, tmp_path, 20)
+    _corrupt_same_size(store, 20)
+    assert store.prune(keep_last=1) == []  # 20 does not count; 10 is the newest that verifies
+    assert store.committed_steps() == [10, 20]
+    _save(store, tmp_path, 30)  # a good commit after the corrupt one: both older ones go
+    assert store.prune(keep_last=1) == [10, 20]
+    assert store.latest().step == 30
+
+
+def test_retention_without_any_verified_commit_deletes_nothing(store, tmp_path):
+    _save(store, tmp_path, 10)
+    _save(store, tmp_path, 20)
+    _corrupt_same_size(store, 10)
+    _corrupt_same_size(store, 20)
+    assert store.prune(keep_last=1) == []
+    assert store.steps() == [10, 20]
+
+
+def test_begin_removes_the_old_marker_before_a_resave(store, tmp_path):
+    """Re-saving a committed step: it stops looking committed before any new file lands."""
+    _save(store, tmp_path, 10)
+    assert store.is_committed(10)
+    store.begin(10)
+    assert not store.is_committed(10)
+    assert not store.fs.exists(f"{store.path}/step-00000010/manifest.json")
+    assert store.latest() is None
+    store.begin(20)  # a step with no folder yet: nothing to do
+
+
+def test_each_rank_fetches_its_own_files_and_one_rank_per_node_the_shared_ones():
+    from sft_cluster.checkpoint.manifest import files_to_fetch, owning_rank
+
+    names = [
+        "model.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+        "data-cursor/rank-00000.json",
+        "data-cursor/rank-00001.json",
+        "global_step10/mp_rank_00_model_states.pt",
+        "global_step10/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "global_step10/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "pytorch_model_fsdp_0/__1_0.distcp",
+    ]
+    manifest = Manifest(step=10, files={n: {"size": 1, "sha256": "x"} for n in names})
+    assert owning_rank("rng_state_12.pth") == 12 and owning_rank("pytorch_model_fsdp_0/__1_0.distcp") is None
+    assert files_to_fetch(manifest, [1], shared=False) == [
+        "data-cursor/rank-00001.json",
+        "global_step10/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_state_1.pth",
+    ]
+    shared = set(files_to_fetch(manifest, [0], shared=True))
+    assert "rng_state_1.pth" not in shared and "data-cursor/rank-00001.json" not in shared
+    assert {"model.safetensors", "optimizer.pt", "pytorch_model_fsdp_0/__1_0.distcp"} <= shared

@@ -1,0 +1,175 @@
+"""What a start of a run may do in its run directory, decided once before any worker trains.
+
+The driver (rank 0 under torchrun) claims the run directory:
+
+- a new run never mixes with an earlier run's checkpoints: ``checkpoint.resume: never``
+  over a directory holding another run's commits is refused (exit 2), nothing written;
+- the run's own restarts (Ray Train's new worker group, a requeued Slurm job, which
+  carries the same ``SFT_CLUSTER_RUN_ID``) always resume from its own commits;
+- a run whose newest commit is at ``train.max_steps`` and that has its ``final/`` model
+  is complete: nothing is trained again;
+- a resume after a change the saved data cursors depend on (sequence length, packing,
+  batch split, chat template, ...) is refused, naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sft_cluster import storage
+from sft_cluster.checkpoint import CheckpointStore
+from sft_cluster.data import ShardPlan
+from sft_cluster.spec import JobSpec
+from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
+from sft_cluster.train.dataplan import ensure_plan
+
+TEMPLATE_KEY = "chat template"
+
+
+class RunRefused(Exception):
+    """This start would lose or mix work: the user must change the job (exit 2)."""
+
+
+class RunComplete(Exception):
+    """The run already reached ``train.max_steps`` and saved its final model: nothing to do."""
+
+
+@dataclass(frozen=True)
+class RunStart:
+    run_id: str
+    resuming: bool  # the run has committed checkpoints to resume from
+    plan: ShardPlan
+
+
+def current_run_id() -> str:
+    """The launcher's run id (stable across its restarts), else one made for this process."""
+    given = os.environ.get(RUN_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return given if given and given != "none" else _process_run_id()
+
+
+@functools.cache
+def _process_run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+def template_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's chat template (the text that decides every token)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
+
+
+def cursor_settings(job: JobSpec, fingerprint: str) -> dict[str, Any]:
+    """Everything a saved data cursor means something only with (written into each manifest)."""
+    return {
+        "data.max_seq_len": job.data.max_seq_len,
+        "data.packing": job.data.packing,
+        "data.truncation": job.data.truncation,
+        "data.eval_fraction": job.data.eval_fraction,
+        "train.micro_batch_size": job.train.micro_batch_size,
+        "train.grad_accum_steps": job.train.grad_accum_steps,
+        TEMPLATE_KEY: fingerprint,
+    }
+
+
+def _owner(run: RunDir) -> dict[str, Any]:
+    if not storage.exists(run.owner, run.options):
+        return {}
+    try:
+        return run.read_json(run.owner)
+    except (ValueError, OSError):
+        return {}
+
+
+def _saved_settings(store: CheckpointStore, committed: list[int]) -> tuple[int, dict[str, Any]] | None:
+    """(step, settings) from the newest committed manifest that can be read."""
+    for step in reversed(committed):
+        try:
+            manifest = store.read_manifest(step)
+        except (ValueError, OSError):
+            continue
+        if "cursor_settings" in manifest.metadata:
+            return step, manifest.metadata["cursor_settings"]
+    return None
+
+
+def _settings_problems(job: JobSpec, saved: dict[str, Any], step: int) -> list[str]:
+    from sft_cluster.train.model import load_tokenizer
+
+    fingerprint = saved.get(TEMPLATE_KEY, "")
+    if fingerprint:
+        fingerprint = template_fingerprint(load_tokenizer(job.model))
+    now = cursor_settings(job, fingerprint)
+    problems = []
+    for key, old in saved.items():
+        if key not in now or now[key] == old:
+            continue
+        if key == TEMPLATE_KEY:
+            problems.append(
+                f"the tokenizer's chat template changed since step {step} was saved (fingerprint {old}, "
+                f"now {now[key]}): the saved data cursors count samples tokenized with the old one "
+                "(restore the template or model.tokenizer it had)"
+            )
+        else:
+            problems.append(
+                f"{key} = {now[key]!r}, but the checkpoints up to step {step} were written with "
+                f"{key} = {old!r}: their data cursors only fit the old value (set {key}={old!r} to "
+                "continue)"
+            )
+    return problems
+
+
+def _final_saved(run: RunDir) -> bool:
+    fs, path = storage.filesystem(run.final, run.options)
+    return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("config.json", "adapter_config.json"))
+
+
+def check_start(job: JobSpec) -> bool:
+    """Whether this start resumes; raises RunRefused or RunComplete. Reads only, writes nothing."""
+    run = run_dir_of(job)
+    store = CheckpointStore(run.uri, run.options)
+    committed = store.committed_steps()
+    if not committed:
+        return False
+    own_restart = _owner(run).get("run_id") == current_run_id()
+    if job.checkpoint.resume == "never" and not own_restart:
+        raise RunRefused(
+            f"output_uri = {run.uri} holds committed checkpoints of an earlier run (steps "
+            f"{', '.join(map(str, committed[-3:]))}{' ...' if len(committed) > 3 else ''}) and "
+            "checkpoint.resume is 'never': a new run never mixes with them or prunes them (set "
+            "output_uri to a new folder, or checkpoint.resume=auto to continue that run, e.g. "
+            f"`sft-cluster resume {run.uri}`)"
+        )
+    newest = committed[-1]
+    if newest >= job.train.max_steps and _final_saved(run):
+        raise RunComplete(
+            f"run '{job.name}' at {run.uri} already completed: step {newest} of train.max_steps "
+            f"{job.train.max_steps} is committed and its final model is in {run.final}; nothing to "
+            "train (raise train.max_steps to train further, or use a new output_uri)"
+        )
+    saved = _saved_settings(store, committed)
+    problems = _settings_problems(job, saved[1], saved[0]) if saved else []
+    if problems:
+        raise RunRefused(
+            f"cannot resume {run.uri}: " + "; ".join(problems) + " (or start over with a new output_uri)"
+        )
+    return True
+
+
+def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None]) -> RunStart:
+    """Check this start (see ``check_start``), then take the run directory: its plan and ``run.json``."""
+    resuming = check_start(job)
+    plan = ensure_plan(job, world_size, notify, resuming=resuming)
+    run = run_dir_of(job)
+    run_id = current_run_id()
+    run.write_json(run.owner, {"run_id": run_id, "claimed_at": time.time(), "name": job.name})
+    return RunStart(run_id=run_id, resuming=resuming, plan=plan)
