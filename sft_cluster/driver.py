@@ -28,7 +28,7 @@ from rich.console import Console
 from sft_cluster import exitcodes, storage
 from sft_cluster.console import ProgressDisplay
 from sft_cluster.data import DataError
-from sft_cluster.spec import JobSpec, dump_job_yaml, load_job
+from sft_cluster.spec import JobSpec, load_job
 from sft_cluster.tracking import RunDir, finalize_run, run_dir_of
 from sft_cluster.train.environment import ray_worker_runtime_env
 from sft_cluster.train.runstart import RunComplete, RunRefused, claim_run
@@ -216,7 +216,6 @@ def run_training(
             if storage.exists(run.summary, run.options)
             else {"name": job.name, "status": "completed", "output_uri": run.uri}
         )
-    storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)
     # Reports of an earlier attempt must not speak for this one.
     fs, workers = storage.filesystem(storage.join(run.uri, "workers"), run.options)
     if fs.exists(workers):

@@ -221,20 +221,23 @@ def find_resume_step(
 
 def fetch_checkpoint(
     store: CheckpointStore, step: int, token: str, rank: int, local_rank: int | None
-) -> Path:
-    """The folder to resume from: each rank fetches only its own files, and the first rank
-    of each node the files every rank reads, into one folder the node's ranks share.
+) -> tuple[Path, list[str] | None]:
+    """(the folder to resume from, the files this rank fetched): each rank fetches only its
+    own files, and the first rank of each node the files every rank reads, into one folder
+    the node's ranks share.
 
-    A local run directory is used in place. Without a ``LOCAL_RANK`` (nothing says which
-    ranks share a node) each rank fetches the shared files into a folder of its own.
+    A local run directory is used in place (nothing fetched: None). Without a ``LOCAL_RANK``
+    (nothing says which ranks share a node) each rank fetches the shared files into a folder
+    of its own.
     """
     in_place = store.local_folder(step)
     if in_place is not None:
-        return in_place
+        return in_place, None
     manifest = store.read_manifest(step)
     owner = local_rank in (None, 0)
     folder = staging.node_folder(token if local_rank is not None else f"{token}-r{rank}", owner=owner)
-    store.download_files(step, files_to_fetch(manifest, [rank], shared=owner), folder)
+    files = files_to_fetch(manifest, [rank], shared=owner)
+    store.download_files(step, files, folder)
     if _distributed():
         dist.barrier()  # the node's shared files are in place
-    return folder
+    return folder, files

@@ -9,7 +9,9 @@ mean over every eval token of the run, whatever the world size.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,9 +30,16 @@ def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
 class EvalCallback(TrainerCallback):
     """Computes ``eval_loss`` at the chosen steps and at the last one; ``latest`` holds (step, loss)."""
 
-    def __init__(self, batches: Callable[[], list[Batch]], every_n_steps: int):
-        """``batches()`` gives this rank's eval batches (at least one), built when first needed."""
+    def __init__(
+        self,
+        batches: Callable[[], list[Batch]],
+        every_n_steps: int,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        """``batches()`` gives this rank's eval batches (at least one), built when first needed;
+        ``on_event`` hears when each evaluation starts and ends (the run's events.jsonl)."""
         self._make_batches = batches
+        self.on_event = on_event or (lambda event: None)
         self._batches: list[Batch] | None = None  # built at the first evaluation, then kept
         self.every_n_steps = every_n_steps
         self.trainer = None  # set after the Trainer exists: its model, device and autocast
@@ -39,7 +48,12 @@ class EvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step % self.every_n_steps == 0 or step == state.max_steps:
+            started = time.time()
+            self.on_event({"event": "eval_started", "step": step, "time": started})
             self.latest = (step, self.evaluate())
+            self.on_event(
+                {"event": "eval_finished", "step": step, "time": time.time(), "loss": self.latest[1]}
+            )
             control.should_log = True  # the step's metrics record carries eval_loss
         return control
 

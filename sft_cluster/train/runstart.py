@@ -27,7 +27,7 @@ from typing import Any
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import ShardPlan
-from sft_cluster.spec import JobSpec
+from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
 from sft_cluster.train.dataplan import ensure_plan
 
@@ -166,10 +166,12 @@ def check_start(job: JobSpec) -> bool:
 
 
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None]) -> RunStart:
-    """Check this start (see ``check_start``), then take the run directory: its plan and ``run.json``."""
+    """Check this start (see ``check_start``), then take the run directory: its plan, the
+    resolved ``job.yaml`` (what ``sft-cluster resume`` reads) and ``run.json``."""
     resuming = check_start(job)
     plan = ensure_plan(job, world_size, notify, resuming=resuming)
     run = run_dir_of(job)
+    storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)
     run_id = current_run_id()
     run.write_json(run.owner, {"run_id": run_id, "claimed_at": time.time(), "name": job.name})
     return RunStart(run_id=run_id, resuming=resuming, plan=plan)

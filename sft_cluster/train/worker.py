@@ -171,7 +171,13 @@ def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPla
             )
         return eval_batches(plan, rank, data, job.storage, tokenizer, job.train.micro_batch_size)
 
-    return EvalCallback(batches, job.train.eval_every_n_steps)
+    def record(event: dict[str, Any]) -> None:
+        if rank == 0:
+            events = JsonlLog(run_dir_of(job).events, run_dir_of(job).options)
+            events.append(event)
+            events.close()
+
+    return EvalCallback(batches, job.train.eval_every_n_steps, on_event=record)
 
 
 def run_worker(
@@ -203,7 +209,16 @@ def _resume_point(
         return None, None
     step, token = found
     local_rank = os.environ.get("LOCAL_RANK")
-    return step, fetch_checkpoint(store, step, token, rank, int(local_rank) if local_rank else None)
+    folder, fetched = fetch_checkpoint(store, step, token, rank, int(local_rank) if local_rank else None)
+    if fetched is not None:
+        size = sum(int(store.read_manifest(step).files[rel]["size"]) for rel in fetched)
+        sink.emit(
+            {
+                "kind": "notice",
+                "message": f"rank {rank} fetched {len(fetched)} files ({size:,} bytes) of step {step}",
+            }
+        )
+    return step, folder
 
 
 def _train(
