@@ -281,10 +281,20 @@ def _call(fn, *args, **kwargs):
 
 
 def _follow_to_end(job_id: str, cluster: Path | None) -> None:
+    """Stream the log, then exit as ``run`` would: 0 succeeded, 75 checkpointed and stopped, 1 failed."""
+    from sft_cluster.launch import LaunchError
+
     backend = _backend_for(job_id, cluster)
-    for line in _call(backend.logs, job_id, follow=True):
-        console.print(line, highlight=False, markup=False, end="", soft_wrap=True)
+    try:
+        for line in backend.logs(job_id, follow=True):  # a failure can come mid-stream
+            console.print(line, highlight=False, markup=False, end="", soft_wrap=True)
+    except LaunchError as exc:
+        _fail([str(exc)])
     final = _call(backend.status, job_id)
+    if final.state == "PREEMPTED":
+        line = f"job {job_id}: {final.state}  {final.message or ''}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(exitcodes.PREEMPTED)
     console.print(f"job {job_id}: {final.state}", highlight=False)
     if final.message and not final.succeeded:
         errors.print(final.message, highlight=False, markup=False, soft_wrap=True)
@@ -297,7 +307,10 @@ def status(job_id: IdArg, cluster: ClusterOpt = None) -> None:
     """State of a submitted job (Ray Job or Slurm job)."""
     state = _call(_backend_for(job_id, cluster).status, job_id)
     console.print(
-        f"{state.id}  {state.state}" + (f"  {state.message}" if state.message else ""), highlight=False
+        f"{state.id}  {state.state}" + (f"  {state.message}" if state.message else ""),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -331,7 +344,12 @@ def stop(
     """Stop a job: it checkpoints and ends (resume it later), or with --now ends at once."""
     console.print(f"stop requested for {job_id}" + (" (now)" if now else ": checkpointing, then ending"))
     final = _call(_backend_for(job_id, cluster).stop, job_id, now=now, wait_seconds=timeout)
-    console.print(f"job {job_id}: {final.state}" + (f"  {final.message}" if final.message else ""))
+    console.print(
+        f"job {job_id}: {final.state}" + (f"  {final.message}" if final.message else ""),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("list")

@@ -12,17 +12,19 @@ The submission is one HTTP request built by :meth:`RayJobsBackend.request`:
   so Ray uploads the project once and reuses it.
 - ``metadata``: ``job_name``, ``output_uri``, the cluster file's metadata.
 
+The submission id doubles as the run id (``SFT_CLUSTER_RUN_ID``): ``stop``
+writes a request naming it into the run directory (see ``ray_rundir``), and
+a job that checkpointed on request (driver exit 75) is shown as PREEMPTED.
+
 The auth token travels only in the ``Authorization`` header of each request;
 it is never written into the runtime_env, the job or anything printed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
 import json
-import logging
 import os
 import re
 import secrets
@@ -32,24 +34,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sft_cluster import exitcodes
+from sft_cluster.launch import ray_client, ray_rundir
 from sft_cluster.launch.base import JobState, LaunchError, Submission
+from sft_cluster.launch.ray_client import ADDRESS_VARS, TOKEN_VARS, redact_text
+from sft_cluster.launch.ray_rundir import JOB_ENV
 from sft_cluster.spec import JobSpec, RayCluster, dump_job_yaml
+from sft_cluster.tracking import RUN_ID_ENV
 
-JOB_ENV = "SFT_CLUSTER_JOB_YAML"
 ENTRYPOINT = f"python -m sft_cluster.driver --job-env {JOB_ENV}"
-_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-_TOKEN_VARS = ("RAY_AUTH_TOKEN",)
 # Whole words of a variable name, so TOKENIZERS_PARALLELISM is not a credential.
 _CREDENTIAL = re.compile(
     r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|SESSION)S?(?:_|$)", re.IGNORECASE
 )
-_URL_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
 LOG_TAIL_LINES = 15
-
-
-def _redact_text(text: str) -> str:
-    """Hide ``user:password@`` in URLs."""
-    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+_POLL_S = 1.0
 
 
 class RayJobsBackend:
@@ -66,58 +65,24 @@ class RayJobsBackend:
 
     def address(self) -> tuple[str, str]:
         """(address, where it came from): the cluster file, else the environment."""
-        if self.cluster.address:
-            return self.cluster.address, self.cluster_file
-        for name in _ADDRESS_VARS:
-            if os.environ.get(name):
-                return os.environ[name], f"${name}"
-        raise LaunchError(
-            f"{self.cluster_file}: no Ray address: set 'address: http://HEAD:8265' in the cluster "
-            "file or RAY_API_SERVER_ADDRESS in the environment"
-        )
+        return ray_client.address_of(self.cluster, self.cluster_file)
 
     def token(self) -> str | None:
         """The auth token (``auth.mode: token``), from ``$auth.token_env`` or ``auth.token_file``."""
-        auth = self.cluster.auth
-        if auth.mode != "token":
-            return None
-        value = os.environ.get(auth.token_env, "").strip()
-        if value:
-            return value
-        if auth.token_file:
-            path = Path(auth.token_file).expanduser()
-            try:
-                value = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise LaunchError(
-                    f"{self.cluster_file}: auth.token_file = '{auth.token_file}': cannot read it "
-                    f"({exc.strerror or exc}); or set ${auth.token_env}"
-                ) from None
-            if value:
-                return value
-            raise LaunchError(f"{self.cluster_file}: auth.token_file = '{auth.token_file}' is empty")
-        raise LaunchError(
-            f"{self.cluster_file}: auth.mode is 'token' but ${auth.token_env} is not set "
-            "(export the cluster's token, or set auth.token_file)"
-        )
-
-    def _token_source(self) -> str:
-        auth = self.cluster.auth
-        if not os.environ.get(auth.token_env) and auth.token_file:
-            return auth.token_file
-        return f"${auth.token_env}"
+        return ray_client.token_of(self.cluster, self.cluster_file)
 
     def _auth_words(self) -> str:
         if self.cluster.auth.mode != "token":
             return "none"
-        return f"token from {self._token_source()} (sent as an Authorization header; never stored)"
+        source = ray_client.token_source(self.cluster.auth)
+        return f"token from {source} (sent as an Authorization header; never stored)"
 
     # --- the request -------------------------------------------------------------
 
     def passed_env(self) -> dict[str, str]:
         """The submitter's variables named (or globbed) by ``runtime_env.pass_env``."""
         patterns = self.cluster.runtime_env.pass_env
-        never = {*_TOKEN_VARS, self.cluster.auth.token_env, *_ADDRESS_VARS, JOB_ENV}
+        never = {*TOKEN_VARS, self.cluster.auth.token_env, *ADDRESS_VARS, JOB_ENV, RUN_ID_ENV}
         return {
             name: value
             for name, value in sorted(os.environ.items())
@@ -132,7 +97,7 @@ class RayJobsBackend:
             if not any(c in name for c in "*?[") and name not in os.environ
         ]
 
-    def runtime_env(self, job_yaml: str) -> dict[str, Any]:
+    def runtime_env(self, job_yaml: str, run_id: str) -> dict[str, Any]:
         spec = self.cluster.runtime_env
         env: dict[str, Any] = {}
         if spec.working_dir:
@@ -147,6 +112,8 @@ class RayJobsBackend:
             **self.passed_env(),
             # The driver's ray.init adds worker settings: let them win over ours.
             "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
+            # The driver honours only a stop request (control/stop) naming this run.
+            RUN_ID_ENV: run_id,
             JOB_ENV: job_yaml,
         }
         return env
@@ -160,10 +127,11 @@ class RayJobsBackend:
             "output_uri": job.output_uri,
             "launcher": "sft-cluster",
         }
+        submission_id = submission_id or _new_id(job.name)
         request: dict[str, Any] = {
-            "submission_id": submission_id or _new_id(job.name),
+            "submission_id": submission_id,
             "entrypoint": ENTRYPOINT,
-            "runtime_env": self.runtime_env(dump_job_yaml(job)),
+            "runtime_env": self.runtime_env(dump_job_yaml(job), submission_id),
             "metadata": metadata,
             "entrypoint_num_cpus": self.cluster.entrypoint_num_cpus,
         }
@@ -190,7 +158,7 @@ class RayJobsBackend:
             where = "<not set: RAY_API_SERVER_ADDRESS at submit time>"
         lines = [
             "# dry run: nothing was submitted",
-            f"# address: {_redact_text(where)}",
+            f"# address: {redact_text(where)}",
             f"# auth: {self._auth_words()}",
         ]
         lines += [f"# warning: {w}" for w in self._warnings()]
@@ -203,7 +171,7 @@ class RayJobsBackend:
             f"# resolved job (runtime_env.env_vars.{JOB_ENV}):",
             job_yaml.rstrip(),
         ]
-        return _redact_text("\n".join(lines))
+        return redact_text("\n".join(lines))
 
     def _warnings(self) -> list[str]:
         missing = self.missing_pass_env()
@@ -219,11 +187,9 @@ class RayJobsBackend:
         address, _ = self.address()
         token = self.token()
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        with self._errors(), _without_env(_ADDRESS_VARS):
-            from ray.job_submission import JobSubmissionClient
-
-            _quiet_ray_logs()
-            self._client_cache = JobSubmissionClient(address, headers=headers)
+        timeout = ray_client.request_timeout()
+        with self._errors():
+            self._client_cache = ray_client.connect(address, headers, timeout)
         return self._client_cache
 
     @contextlib.contextmanager
@@ -233,44 +199,15 @@ class RayJobsBackend:
             address, source = self.address()
         except LaunchError:
             address, source = "?", "?"
-        where = f"the Ray cluster at {_redact_text(address)}"
+        where = f"the Ray cluster at {redact_text(address)}"
         try:
             yield
         except LaunchError:
             raise
         except Exception as exc:
-            raise LaunchError(self._explain(exc, where, source, job_id)) from None
-
-    def _explain(self, exc: Exception, where: str, source: str, job_id: str | None) -> str:
-        text = " ".join(str(exc).split())
-        name = type(exc).__name__
-        auth = self.cluster.auth
-        if name == "AuthenticationError" or "status code 401" in text or "status code 403" in text:
-            if self.cluster.auth.mode != "token":
-                return (
-                    f"{where} requires a token: set 'auth: {{mode: token}}' in {self.cluster_file} "
-                    f"and export the token as ${auth.token_env}"
-                )
-            return f"{where} rejected the token from {self._token_source()}: check it"
-        if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout") or (
-            "Failed to connect" in text or "Connection refused" in text
-        ):
-            return (
-                f"cannot reach {where} (address from {source}): is the cluster up, is this the "
-                "dashboard's http address (default port 8265), and does the head run the "
-                "dashboard (ray[default])?"
-            )
-        if "Version check returned 404" in text or ("status code 404" in text and job_id is None):
-            return (
-                f"{where} has no Ray Jobs API: is the address the dashboard's (port 8265), and is "
-                "the dashboard running (ray[default] installed, not --include-dashboard=false)?"
-            )
-        if job_id is not None and ("does not exist" in text or "status code 404" in text):
-            return f"no job '{job_id}' on {where} (see 'sft-cluster list --cluster {self.cluster_file}')"
-        if "JSONDecodeError" in name or "Expecting value" in text:
-            return f"{where} does not answer like a Ray dashboard ({name}); check the address"
-        first = text[:300] or name
-        return f"{where}: {first}"
+            raise LaunchError(
+                ray_client.explain(exc, where, source, job_id, self.cluster.auth, self.cluster_file)
+            ) from None
 
     # --- the Backend protocol ----------------------------------------------------
 
@@ -291,7 +228,7 @@ class RayJobsBackend:
             name=job.name,
             output_uri=request["metadata"]["output_uri"],
             submitted_at=time.time(),
-            extra={"address": _redact_text(address)},
+            extra={"address": redact_text(address)},
         )
 
     def _info(self, job_id: str) -> Any:
@@ -300,10 +237,15 @@ class RayJobsBackend:
             return client.get_job_info(job_id)
 
     def status(self, job_id: str) -> JobState:
-        info = self._info(job_id)
+        return self._described(job_id, self._info(job_id))
+
+    def _described(self, job_id: str, info: Any) -> JobState:
+        """The state, with what a failed job printed last or where a preempted one can resume."""
         state = _state(info)
         if state.state == "FAILED":
             state.message = self._failure(job_id, info)
+        elif state.state == "PREEMPTED":
+            state.message = ray_rundir.preempted_message(info, self.cluster_file)
         return state
 
     def _failure(self, job_id: str, info: Any) -> str:
@@ -329,28 +271,51 @@ class RayJobsBackend:
         return self._tail(client, job_id)
 
     def _tail(self, client: Any, job_id: str) -> Iterator[str]:
-        loop = asyncio.new_event_loop()
-        stream = client.tail_job_logs(job_id)
+        chunks = ray_client.tail(
+            client.tail_job_logs(job_id),
+            quiet_s=ray_client.request_timeout(),
+            ended=lambda: _state(self._info(job_id)).finished,
+        )
         try:
             while True:
                 with self._errors(job_id):
-                    try:
-                        chunk = loop.run_until_complete(stream.__anext__())
-                    except StopAsyncIteration:
-                        return
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
                 yield chunk
         finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(stream.aclose())
-            loop.close()
+            chunks.close()
 
-    def stop(self, job_id: str) -> None:
-        client = self._client()
-        with self._errors(job_id):
-            stopped = client.stop_job(job_id)
-        if not stopped:
-            state = _state(self._info(job_id)).state
-            raise LaunchError(f"job '{job_id}' is already {state}: nothing to stop")
+    def stop(self, job_id: str, now: bool = False, wait_seconds: float = 600) -> JobState:
+        """Gracefully: the stop request file, which the driver turns into a checkpoint and exit 75
+        (Ray's own stop kills it a few seconds after SIGTERM). ``now``, or a job not started yet
+        (nothing to save): Ray's stop."""
+        info = self._info(job_id)
+        state = _state(info)
+        if state.finished:
+            raise LaunchError(f"job '{job_id}' is already {state.state}: nothing to stop")
+        if now or state.state == "PENDING":
+            with self._errors(job_id):
+                stopped = self._client().stop_job(job_id)
+            if not stopped:  # it ended in the meantime
+                ended = _state(self._info(job_id)).state
+                raise LaunchError(f"job '{job_id}' is already {ended}: nothing to stop")
+            waiting = f"job '{job_id}' has not ended {wait_seconds:g} s after Ray was asked to stop it"
+        else:
+            ray_rundir.request_stop(info)
+            waiting = (
+                f"job '{job_id}' has not ended {wait_seconds:g} s after the stop request: it is still "
+                f"checkpointing, or stuck; wait longer (see 'sft-cluster status {job_id}') or end it "
+                f"now with 'sft-cluster stop {job_id} --now' (steps since its last checkpoint are lost)"
+            )
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            info = self._info(job_id)
+            if _state(info).finished:
+                return self._described(job_id, info)
+            if time.monotonic() >= deadline:
+                raise LaunchError(waiting)
+            time.sleep(_POLL_S)
 
     def list(self) -> list[JobState]:
         client = self._client()
@@ -366,6 +331,9 @@ class RayJobsBackend:
 def _state(info: Any) -> JobState:
     status = getattr(info.status, "value", str(info.status))
     metadata = info.metadata or {}
+    ours = metadata.get("launcher") == "sft-cluster"
+    if status == "FAILED" and ours and getattr(info, "driver_exit_code", None) == exitcodes.PREEMPTED:
+        status = "PREEMPTED"  # the driver checkpointed on request and asked to be resumed
     return JobState(
         id=info.submission_id or info.job_id,
         state=status,
@@ -373,7 +341,9 @@ def _state(info: Any) -> JobState:
         start=info.start_time / 1000 if info.start_time else None,
         end=info.end_time / 1000 if info.end_time else None,
         output_uri=metadata.get("output_uri"),
-        message=(info.message or "").splitlines()[0] if info.message and status != "SUCCEEDED" else None,
+        message=(info.message or "").splitlines()[0]
+        if info.message and status not in ("SUCCEEDED", "PREEMPTED")
+        else None,
     )
 
 
@@ -394,19 +364,3 @@ def _anchor(job: JobSpec) -> JobSpec:
     from sft_cluster.launch.local import anchor_local_paths
 
     return anchor_local_paths(job)
-
-
-def _quiet_ray_logs() -> None:
-    """Ray's client logs each packaging step at INFO: keep its errors, drop the chatter."""
-    for handler in logging.getLogger("ray").handlers:
-        handler.setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def _without_env(names: tuple[str, ...]) -> Iterator[None]:
-    """Ray's client lets RAY_ADDRESS override its address argument: the cluster file wins here."""
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)

@@ -9,6 +9,7 @@ the credentials passed only through ``runtime_env.pass_env``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -100,8 +101,8 @@ def smoke(s3_run):
     return run_cli([*args, "train.max_steps=10"], env), bucket
 
 
-def _s3_text(s3_server, bucket: str, key: str) -> str:  # noqa: F811
-    return s3_server.client().get_object(Bucket=bucket, Key=f"runs/smoke/{key}")["Body"].read().decode()
+def _s3_text(s3_server, bucket: str, key: str, run: str = "smoke") -> str:  # noqa: F811
+    return s3_server.client().get_object(Bucket=bucket, Key=f"runs/{run}/{key}")["Body"].read().decode()
 
 
 def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  # noqa: F811
@@ -216,15 +217,51 @@ def test_resubmit_resumes_from_the_newest_checkpoint(smoke, s3_run, s3_server): 
     assert summary["resumed_from"] == [10] and summary["steps"] == 20
 
 
-def test_stop_a_running_job(work):
+def _wait_log(head: RayHead, job_id: str, needle: str, timeout: float = 300) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address)
+    deadline = time.monotonic() + timeout
+    while needle not in (logs := client.get_job_logs(job_id)):
+        assert time.monotonic() < deadline, f"no '{needle}' in the log of {job_id}:\n{logs[-3000:]}"
+        assert not client.get_job_info(job_id).status.is_terminal(), logs[-3000:]
+        time.sleep(2)
+
+
+def test_stop_a_running_job(work, s3_server, ray_head: RayHead):  # noqa: F811
+    """``stop``: the run checkpoints, commits and ends (PREEMPTED, resumable); ``stop --now``
+    ends another at once. The first writes to S3, and the stop request reaches it there
+    through the endpoint in the job's own YAML (not $AWS_ENDPOINT_URL)."""
     tmp, cluster, env = work
-    args = ["submit", "jobs/smoke.yaml", "train.max_steps=5000", f"output_uri={tmp / 'stopped'}"]
-    job_id = _submitted_id(_ok(run_cli([*args, "--cluster", str(cluster)], env)))
-    _wait_state(job_id, cluster, env, {"RUNNING"}, timeout=120)
-    time.sleep(3)
-    assert "stop requested" in _ok(run_cli(["stop", job_id], env))
-    assert _wait_state(job_id, cluster, env, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120) == "STOPPED"
-    _user_error(run_cli(["stop", job_id], env), "already STOPPED")
+    bucket = s3_server.make_bucket()
+    uri = f"s3://{bucket}/runs/stopped"
+    s3_env = {**env, **s3_server.env()}
+    base = ["submit", "jobs/smoke.yaml", "train.max_steps=5000", "checkpoint.every_n_steps=1000",
+            "tracking=none", "--cluster", str(cluster)]  # fmt: skip
+    on_s3 = [f"output_uri={uri}", f"storage.endpoint_url={s3_server.endpoint}"]
+    graceful = _submitted_id(_ok(run_cli([*base, *on_s3], s3_env)))
+    at_once = _submitted_id(_ok(run_cli([*base, f"output_uri={tmp / 'stopped-now'}"], env)))
+
+    _wait_state(at_once, cluster, env, {"RUNNING"}, timeout=120)
+    now = _ok(run_cli(["stop", at_once, "--now"], env, timeout=90))  # returns: SIGTERM, SIGKILL 3 s later
+    assert f"job {at_once}: STOPPED" in now
+    _user_error(run_cli(["stop", at_once], env), "already STOPPED: nothing to stop")
+
+    _wait_log(ray_head, graceful, "/5000  loss")  # trains
+    stop_env = {k: v for k, v in s3_env.items() if k != "AWS_ENDPOINT_URL"}
+    text = _ok(run_cli(["stop", graceful], stop_env, timeout=400))
+    assert "stop requested" in text
+    outcome = rf"job {graceful}: PREEMPTED  checkpointed at step (\d+); resume with: sft-cluster resume "
+    found = re.search(outcome + re.escape(f"{uri} --cluster {cluster}"), text)
+    assert found, text
+    step = int(found.group(1))
+    assert 1 <= step < 1000  # committed because of the stop, not by every_n_steps
+    assert f"runs/stopped/checkpoints/step-{step:08d}/COMMITTED" in s3_server.keys(bucket, "runs/stopped/")
+    summary = json.loads(_s3_text(s3_server, bucket, "summary.json", run="stopped"))
+    assert summary["status"] == "preempted" and summary["steps"] == step
+    status = _ok(run_cli(["status", graceful], stop_env))
+    assert status.split()[1] == "PREEMPTED" and f"step {step}" in status
+    _user_error(run_cli(["stop", graceful], stop_env), "already PREEMPTED: nothing to stop")
 
 
 class TestTokenAuth:

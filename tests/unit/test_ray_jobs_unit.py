@@ -1,23 +1,30 @@
-"""The Ray Jobs backend without a Ray head: the request it builds, secrets, and its errors.
+"""The Ray Jobs backend without a Ray head: the request it builds, secrets, errors, stop, timeouts.
 
 Error paths use tiny real HTTP servers on loopback that answer like a broken
-or protected dashboard would.
+or protected dashboard would; stop and the log stream use one that keeps a
+job whose state the test drives; timeouts use sockets that never answer.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from sft_cluster.launch import LaunchError
+from sft_cluster.launch.ray_client import TIMEOUT_ENV
 from sft_cluster.launch.ray_jobs import ENTRYPOINT, JOB_ENV, RayJobsBackend
-from sft_cluster.spec import RayCluster, load_job
+from sft_cluster.launch.ray_rundir import run_dir
+from sft_cluster.spec import RayCluster, StorageSpec, dump_job_yaml, load_job
+from sft_cluster.tracking import RUN_ID_ENV
 from tests.conftest import REPO, isolated_environment, run_cli
 from tests.fixtures.ray_head import free_ports
 
@@ -35,7 +42,7 @@ def job():
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", TIMEOUT_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -117,6 +124,8 @@ def test_request_carries_the_resolved_job_and_no_token(monkeypatch, job, tmp_pat
     assert request["entrypoint_num_cpus"] == 0
     assert request["entrypoint_resources"] == {"head": 1}
     assert request["submission_id"].startswith("smoke-")
+    # The driver honours a stop request only when it names this run.
+    assert env["env_vars"][RUN_ID_ENV] == request["submission_id"]
 
 
 def test_job_yaml_round_trips_through_the_driver(job, tmp_path):
@@ -141,6 +150,8 @@ def test_dry_run_redacts(monkeypatch, job):
     assert "token from $RAY_AUTH_TOKEN" in text
     assert "not set here, not passed: HF_TOKEN" in text
     assert ENTRYPOINT in text and "max_steps: 3" in text
+    shown = json.loads(text[text.index("{") : text.index("\n}\n") + 2])
+    assert shown["runtime_env"]["env_vars"][RUN_ID_ENV] == shown["submission_id"]  # not a secret
 
 
 # --- errors from a dashboard that is not right --------------------------------------
@@ -234,3 +245,274 @@ def test_example_cluster_files_are_valid():
         spec = load_cluster(REPO / "cluster_configs" / name)
         assert spec.kind == "ray"
     assert load_cluster(REPO / "cluster_configs" / "ray-prod.yaml").auth.mode == "token"
+
+
+# --- stop, the log stream and outcomes, against a dashboard with one job ------------
+
+
+class JobDashboard:
+    """A loopback dashboard holding one job whose state the test sets.
+
+    ``on_info`` runs before each answer about the job (a stand-in for the driver).
+    The log stream (a websocket) is accepted and never answered; with
+    ``dies_on_tail`` the whole server stops answering from then on.
+    """
+
+    def __init__(self, **job: object):
+        self.job = {"type": "SUBMISSION", "submission_id": "j1", "entrypoint": ENTRYPOINT, **job}
+        self.job.setdefault("metadata", {"launcher": "sft-cluster", "job_name": "smoke"})
+        self.on_info: Callable[[dict], None] = lambda job: None
+        self.stop_calls = 0
+        self.dies_on_tail = False
+        self.dead = False
+        self.release = threading.Event()
+        dashboard = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _json(self, data: object, status: int = 200) -> None:
+                body = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if dashboard.dead or self.path.endswith("/logs/tail"):
+                    dashboard.dead = dashboard.dead or dashboard.dies_on_tail
+                    dashboard.release.wait()  # accepted, never answered
+                    return
+                if self.path == "/api/version":
+                    return self._json({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"})
+                if self.path == "/api/jobs/j1":
+                    dashboard.on_info(dashboard.job)
+                    return self._json(dashboard.job)
+                if self.path == "/api/jobs/j1/logs":
+                    return self._json({"logs": "step 1/9\nboom\n"})
+                return self._json({"detail": "no such job"}, 404)
+
+            def do_POST(self):
+                if self.path == "/api/jobs/j1/stop":
+                    dashboard.stop_calls += 1
+                    dashboard.job.update(status="STOPPED", driver_exit_code=-15)
+                    return self._json({"stopped": True})
+                return self._json({}, 404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dashboard() -> Iterator[Callable[..., JobDashboard]]:
+    made: list[JobDashboard] = []
+
+    def make(**job: object) -> JobDashboard:
+        made.append(JobDashboard(**job))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _running(job_obj, output_uri: str) -> dict:
+    """The job fields of a running job of ours writing to ``output_uri``."""
+    job_yaml = dump_job_yaml(job_obj.model_copy(update={"output_uri": output_uri}))
+    return {
+        "status": "RUNNING",
+        "metadata": {"launcher": "sft-cluster", "job_name": "smoke", "output_uri": output_uri},
+        "runtime_env": {"env_vars": {JOB_ENV: job_yaml, RUN_ID_ENV: "j1"}},
+    }
+
+
+def test_graceful_stop_writes_the_request_and_waits_for_the_checkpoint(dashboard, job, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    d = dashboard(**_running(job, str(out)))
+
+    def driver(state: dict) -> None:  # what the driver does when the request names its run
+        request = out / "control" / "stop"
+        if state["status"] == "RUNNING" and request.exists():
+            assert json.loads(request.read_text())["run_id"] == "j1"
+            (out / "summary.json").write_text(json.dumps({"status": "preempted", "steps": 7}))
+            state.update(status="FAILED", driver_exit_code=75, message="exit code 75")
+
+    d.on_info = driver
+    b = backend(address=d.address)
+    before = time.time()
+    final = b.stop("j1")
+    assert final.state == "PREEMPTED"
+    assert final.message == f"checkpointed at step 7; resume with: sft-cluster resume {out} --cluster c.yaml"
+    assert d.stop_calls == 0  # Ray's stop would have killed it before the commit
+    request = json.loads((out / "control" / "stop").read_text())
+    assert request["run_id"] == "j1" and before <= request["requested_at"] <= time.time()
+    assert b.status("j1").state == "PREEMPTED"
+    with pytest.raises(LaunchError, match="already PREEMPTED: nothing to stop"):
+        b.stop("j1")
+
+
+def test_graceful_stop_gives_up_after_the_wait(dashboard, job, tmp_path):
+    d = dashboard(**_running(job, str(tmp_path)))
+    with pytest.raises(LaunchError) as info:
+        backend(address=d.address).stop("j1", wait_seconds=0.5)
+    message = str(info.value)
+    assert "has not ended 0.5 s after the stop request" in message
+    assert "still checkpointing, or stuck" in message and "stop j1 --now" in message
+    assert (tmp_path / "control" / "stop").exists() and d.stop_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("output_uri", "says"),
+    [
+        ("nosuch://bucket/run", "cannot write the stop request to nosuch://bucket/run/control/stop"),
+        ("/nonexistent/sftc/run", "/nonexistent/sftc/run is not a directory on this machine"),
+    ],
+)
+def test_stop_request_that_cannot_reach_the_run_says_so(dashboard, job, output_uri, says):
+    d = dashboard(**_running(job, output_uri))
+    with pytest.raises(LaunchError) as info:
+        backend(address=d.address).stop("j1")
+    assert says in str(info.value) and "stop j1 --now" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert d.stop_calls == 0 and d.job["status"] == "RUNNING"  # still running: nothing pretended
+    assert not Path("/nonexistent").exists()
+
+
+def test_stop_now_and_a_pending_job_use_rays_stop(dashboard, job, tmp_path):
+    d = dashboard(**_running(job, str(tmp_path)))
+    assert backend(address=d.address).stop("j1", now=True).state == "STOPPED"
+    pending = dashboard(**{**_running(job, str(tmp_path)), "status": "PENDING"})
+    assert backend(address=pending.address).stop("j1").state == "STOPPED"  # nothing to save yet
+    assert d.stop_calls == pending.stop_calls == 1
+    assert not (tmp_path / "control").exists()
+    with pytest.raises(LaunchError, match="already STOPPED: nothing to stop"):
+        backend(address=d.address).stop("j1", now=True)
+
+
+def test_exit_code_75_is_preempted_only_for_our_jobs(dashboard, tmp_path):
+    metadata = {"launcher": "sft-cluster", "output_uri": str(tmp_path)}
+    ours = dashboard(status="FAILED", driver_exit_code=75, metadata=metadata)
+    state = backend(address=ours.address).status("j1")
+    assert state.state == "PREEMPTED"
+    # No summary readable: nothing is claimed about the step.
+    assert state.message == f"checkpointed; resume with: sft-cluster resume {tmp_path} --cluster c.yaml"
+    foreign = dashboard(status="FAILED", driver_exit_code=75, metadata={})
+    assert backend(address=foreign.address).status("j1").state == "FAILED"
+
+
+def test_run_dir_takes_the_storage_options_of_the_jobs_own_yaml(job):
+    uri = "s3://bucket/runs/x"
+    fields = _running(job.model_copy(update={"storage": StorageSpec(endpoint_url="http://127.0.0.1:9")}), uri)
+    run = run_dir(SimpleNamespace(**fields))
+    assert run.uri == uri
+    assert run.stop_request == f"{uri}/control/stop"
+    assert run.options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9"
+    # Not an sft-cluster job YAML: the environment's settings (AWS_ENDPOINT_URL, ...).
+    bare = run_dir(SimpleNamespace(metadata={"output_uri": uri}, runtime_env={}))
+    assert "client_kwargs" not in bare.options
+
+
+def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = isolated_environment(tmp_path / "home")
+    env.update(SFT_CLUSTER_STATE_DIR=str(tmp_path / "state"), **extra)
+    return env
+
+
+def _silent(address: str, cluster: Path) -> str:
+    return f"the Ray cluster at {address} (address from {cluster}) did not answer within 2 s"
+
+
+def _cluster_file(tmp_path: Path, address: str) -> Path:
+    path = tmp_path / "ray.yaml"
+    path.write_text(f"kind: ray\naddress: {address}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("job_fields", "code", "says"),
+    [
+        ({"status": "SUCCEEDED"}, 0, "job j1: SUCCEEDED"),
+        ({"status": "FAILED", "driver_exit_code": 75}, 75, "job j1: PREEMPTED  checkpointed"),
+        ({"status": "FAILED", "driver_exit_code": 1}, 1, "job j1: FAILED"),
+    ],
+)
+def test_follow_exits_with_the_outcome(dashboard, tmp_path, job_fields, code, says):
+    """``logs --follow`` (as ``submit --follow``): 0, 75 for a checkpointed stop, 1; the stream
+    never answers here, so it also ends because the job has ended."""
+    d = dashboard(**job_fields)
+    d.job["metadata"]["output_uri"] = str(tmp_path)
+    cluster = _cluster_file(tmp_path, d.address)
+    result = run_cli(
+        ["logs", "j1", "--follow", "--cluster", str(cluster)], _cli_env(tmp_path, **{TIMEOUT_ENV: "2"})
+    )
+    assert result.returncode == code, result.stdout + result.stderr
+    assert says in result.stdout and "Traceback" not in result.stderr
+    if code == 1:
+        assert "exit code 1" in result.stderr and "boom" in result.stderr
+
+
+def test_follow_fails_when_the_head_stops_answering_mid_stream(dashboard, tmp_path):
+    d = dashboard(status="RUNNING")
+    d.dies_on_tail = True  # answers until the log stream starts, then nothing
+    cluster = _cluster_file(tmp_path, d.address)
+    result = run_cli(
+        ["logs", "j1", "--follow", "--cluster", str(cluster)],
+        _cli_env(tmp_path, **{TIMEOUT_ENV: "2"}),
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: {_silent(d.address, cluster)}")
+    assert "Traceback" not in result.stderr
+
+
+# --- every request has a timeout -------------------------------------------------------
+
+
+@pytest.fixture
+def silent_address() -> Iterator[Callable[[bool], str]]:
+    """``make(drops)``: an address that accepts connections and never answers, or (``drops``)
+    one whose accept queue is full, so new connections are never accepted."""
+    sockets: list[socket.socket] = []
+
+    def make(drops: bool) -> str:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(0 if drops else 16)  # never accept()ed, never read
+        sockets.append(server)
+        port = server.getsockname()[1]
+        if drops:
+            sockets.append(socket.create_connection(("127.0.0.1", port)))  # fills the queue
+        return f"http://127.0.0.1:{port}"
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+@pytest.mark.parametrize("drops", [False, True], ids=["never-answers", "drops-connections"])
+def test_an_address_that_never_answers_times_out(silent_address, tmp_path, drops):
+    address = silent_address(drops)
+    cluster = _cluster_file(tmp_path, address)
+    env = _cli_env(tmp_path, **{TIMEOUT_ENV: "2"})
+    for args in (["list"], ["stop", "j1"]):
+        result = run_cli([*args, "--cluster", str(cluster)], env, timeout=60)  # it returns
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.startswith(f"error: {_silent(address, cluster)}"), result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf"])
+def test_timeout_setting_must_be_positive_seconds(monkeypatch, value):
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(LaunchError, match=f"{TIMEOUT_ENV} = '{value}': must be a positive number of seconds"):
+        backend(address="http://127.0.0.1:9").list()
