@@ -1,0 +1,90 @@
+"""What every command shares: the consoles, argument types, loading and checking a job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sft_cluster import exitcodes
+from sft_cluster.spec import (
+    ClusterSpec,
+    JobSpec,
+    SpecError,
+    check_local_paths,
+    load_cluster,
+    load_job,
+    validate_pair,
+)
+
+console = Console()
+errors = Console(stderr=True)
+
+JobArg = Annotated[Path, typer.Argument(help="Job file (YAML).", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides as KEY=VALUE, e.g. train.max_steps=40.")
+]
+ClusterOpt = Annotated[
+    Path | None, typer.Option("--cluster", "-c", help="Cluster file (YAML); default: local.")
+]
+
+
+def fail(lines: list[str]) -> None:
+    for line in lines:
+        errors.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exitcodes.USER_ERROR)
+
+
+def load_checked(
+    job_path: Path, overrides: list[str] | None, cluster_path: Path | None
+) -> tuple[JobSpec, ClusterSpec]:
+    """Everything a command needs to know is right before it does anything else."""
+    try:
+        job = load_job(job_path, overrides or [])
+        cluster = load_cluster(cluster_path)
+    except SpecError as exc:
+        fail(exc.problems)
+    problems = [f"{job_path}: {p}" for p in check_local_paths(job)]
+    if problems:
+        fail(problems)
+    for warning in validate_pair(job, cluster):
+        errors.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+    return job, cluster
+
+
+def strategy_json(job: JobSpec) -> str:
+    """The generated accelerate/DeepSpeed settings, as the run will write them to strategy.json."""
+    from sft_cluster.train.strategy import describe_strategy
+
+    return "# strategy.json (generated from the job's strategy section)\n" + json.dumps(
+        describe_strategy(job), indent=2, sort_keys=True
+    )
+
+
+def check_data(job_path: Path, job: JobSpec) -> None:
+    from sft_cluster.data import check_sources
+    from sft_cluster.data.evalset import eval_data
+
+    problems = check_sources(job.data, job.storage)
+    if job.data.eval:
+        problems += [
+            p.replace("data.sources[", "data.eval[") for p in check_sources(eval_data(job.data), job.storage)
+        ]
+    if problems:
+        fail([f"{job_path}: {p}" for p in problems])
+
+
+def check_start_or_exit(job: JobSpec) -> None:
+    """Refuse, before any cluster starts, a start that would mix with or repeat another run."""
+    from sft_cluster.train.runstart import RunComplete, RunRefused, check_start
+
+    try:
+        check_start(job)
+    except RunRefused as exc:
+        fail([str(exc)])
+    except RunComplete as exc:
+        console.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(0) from None
