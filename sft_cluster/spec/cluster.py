@@ -5,16 +5,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, Field, TypeAdapter, field_validator, model_validator
 
-from sft_cluster.spec.job import StorageSpec, Strict
+from sft_cluster.spec.job import StorageSpec, Strict, rule_error
 
 # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _SLURM_TIME = re.compile(
     r"\d+|\d+:[0-5]\d|\d+:[0-5]\d:[0-5]\d|\d+-\d+|\d+-\d+:[0-5]\d|\d+-\d+:[0-5]\d:[0-5]\d"
 )
-# sbatch --signal: [{B|R}:]SIGNAL[@SECONDS], SIGNAL a name (USR1, SIGUSR1) or a number
-_SLURM_SIGNAL = re.compile(r"(?:[BR]:)?(?:(?:SIG)?[A-Z][A-Z0-9]*|\d+)(?:@\d+)?")
+# sbatch --signal: [{B|R|BR|RB}:]SIGNAL[@SECONDS], SIGNAL a name (USR1, SIGUSR1) or a number
+_SLURM_SIGNAL = re.compile(r"(?:(?:B|R|BR|RB):)?(?:(?:SIG)?[A-Z][A-Z0-9]*|\d+)(?:@\d+)?")
 _SLURM_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _SLURM_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
 # Whole words of an environment variable name, so TOKENIZERS_PARALLELISM is not a credential.
@@ -136,6 +136,22 @@ class SlurmCluster(Strict):
         if not _SLURM_SIGNAL.fullmatch(value):
             raise ValueError("must be [B:]SIGNAL[@SECONDS], e.g. B:USR1@300")
         return value
+
+    @model_validator(mode="after")
+    def _signal_reaches_the_batch_shell(self) -> SlurmCluster:
+        """Without ``B:`` Slurm signals the job steps, not the batch script. Under the Ray template
+        those are the ``ray start`` steps: SIGUSR1 kills the Ray cluster before the checkpoint
+        commits and the job fails unrequeued (seen on 22.05, docs/slurm.md). torchrun's step
+        holds the workers themselves, which checkpoint and exit 75: the script still requeues."""
+        flags, sep, rest = self.signal.rpartition(":")
+        if self.launcher == "ray" and "B" not in flags:
+            fix = f"{flags}B:{rest}" if sep else f"B:{rest}"
+            raise rule_error(
+                f"signal = {self.signal!r} with launcher: ray: without 'B:' Slurm signals the job "
+                "steps (the `ray start` processes) instead of the batch script; the Ray cluster goes "
+                f"down before a checkpoint is committed and the job fails without a requeue (use {fix!r})"
+            )
+        return self
 
 
 ClusterSpec = Annotated[LocalCluster | RayCluster | SlurmCluster, Field(discriminator="kind")]

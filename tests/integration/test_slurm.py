@@ -76,16 +76,25 @@ def test_torchrun_template_completes(slurm: SlurmHarness, torchrun_baseline: Pat
     assert "--rdzv-backend=c10d" in script
 
 
-def _preempt_and_resume(slurm: SlurmHarness, out: Path, cluster: str) -> tuple[str, dict[str, str]]:
+def _committed(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:08d}" / "COMMITTED"
+
+
+def _submit_and_wait_for_step_10(slurm: SlurmHarness, out: Path, cluster: str) -> str:
+    """Submit the smoke job; return its id once step 10 is committed (training is under way)."""
     job_id = slurm.sbatch(*JOB, "--cluster", cluster, f"output_uri={out}")
     slurm.wait(job_id, {"RUNNING"}, timeout=300)
     assert "RUNNING" in slurm.status(job_id)
-    committed = out / "checkpoints" / "step-00000010" / "COMMITTED"
     deadline = time.monotonic() + 600
-    while not committed.exists():
+    while not _committed(out, 10).exists():
         assert time.monotonic() < deadline, "no checkpoint at step 10"
         assert scontrol_job(job_id).get("JobState") == "RUNNING", scontrol_job(job_id)
         time.sleep(0.5)
+    return job_id
+
+
+def _preempt_and_resume(slurm: SlurmHarness, out: Path, cluster: str) -> tuple[str, dict[str, str]]:
+    job_id = _submit_and_wait_for_step_10(slurm, out, cluster)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
     # The script forwards the signal, the workers checkpoint and exit 75, the script requeues.
     slurm.wait(job_id, {"PENDING", "REQUEUED"}, timeout=600)
@@ -209,18 +218,76 @@ def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
     assert summary["nodes"] == ["node1", "node2"]
 
 
-def test_stop_cancels_and_status_and_logs_follow(slurm: SlurmHarness) -> None:
+def test_step_signal_without_batch_flag_requeues_under_torchrun(slurm: SlurmHarness) -> None:
+    """``signal: USR1@60`` (no ``B:``), allowed for torchrun only: Slurm signals the job step, not
+    the batch shell (``scancel --signal`` without ``--batch`` does the same). The workers commit and
+    exit 75, the agent passes 75 on, and the script requeues."""
+    cluster = slurm.tmp / "torchrun-step-signal.yaml"
+    cluster.write_text((REPO / TORCHRUN).read_text().replace('"B:USR1@60"', '"USR1@60"'))
+    out = slurm.tmp / "step-signal"
+    job_id = _submit_and_wait_for_step_10(slurm, out, str(cluster))
+    assert "#SBATCH --signal=USR1@60" in (out / "slurm" / "job.sbatch").read_text()
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    fields = slurm.wait(job_id, {"PENDING"}, timeout=300)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)  # the requeued attempt is not needed
+    assert fields.get("Restarts") == "1", fields
+    log = Path(fields["StdOut"]).read_text()
+    assert "got SIGUSR1" not in log  # the batch shell never saw the signal
+    assert "exit codes [-15, 75]" in log or "exit codes [75]" in log, log[-3000:]
+    assert "requeue 1 of 3" in log and "sft-cluster: exit 75" in log
+    summary = _summary(out)
+    assert summary["status"] == "preempted" and 10 <= summary["steps"] < STEPS
+    assert _committed(out, summary["steps"]).exists()
+
+
+def test_stop_checkpoints_and_ends_without_requeue(slurm: SlurmHarness) -> None:
     out = slurm.tmp / "stopped"
-    job_id = slurm.sbatch(*JOB, "--cluster", LOCAL, f"output_uri={out}")
-    slurm.wait(job_id, {"RUNNING"}, timeout=300)
-    stopped = run_cli(["stop", job_id], slurm.env)
-    assert stopped.returncode == 0 and f"stop requested for {job_id}" in stopped.stdout, stopped.stderr
-    slurm.wait(job_id, {"CANCELLED"}, timeout=120)
-    assert "CANCELLED" in slurm.status(job_id)
+    job_id = _submit_and_wait_for_step_10(slurm, out, TORCHRUN)
+    stopped = run_cli(["stop", job_id], slurm.env, timeout=700)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    fields = scontrol_job(job_id)
+    # Ended with exit 75, which Slurm calls FAILED and sft-cluster PREEMPTED (checkpointed, resumable).
+    assert fields.get("JobState") == "FAILED" and fields.get("ExitCode") == "75:0", fields
+    assert fields.get("Restarts") == "0", fields
+    summary = _summary(out)
+    steps = summary["steps"]
+    assert summary["status"] == "preempted" and 10 <= steps < STEPS
+    assert _committed(out, steps).exists()
+    printed = " ".join(stopped.stdout.split())
+    assert f"job {job_id}: PREEMPTED stopped by sft-cluster stop: step {steps}, checkpoint" in printed
+    assert f"step {steps}, checkpoint committed (summary.json: status preempted)" in printed
+    assert f"(summary.json: status preempted); resume with: sft-cluster resume {out} --cluster" in printed
+    log = Path(fields["StdOut"]).read_text()
+    assert "got SIGUSR1" in log
+    assert f"stopped by sft-cluster stop, not requeued; resume with: sft-cluster resume {out}" in log
+    assert "requeue 1 of" not in log and "attempt 2" not in log
+    assert not (out / "slurm" / f"stop-{job_id}").exists()  # honoured and removed
+    time.sleep(3)
+    assert scontrol_job(job_id).get("Restarts") == "0"
+    assert f"{job_id}  PREEMPTED  exit 75: a checkpoint was committed" in slurm.status(job_id)
     followed = run_cli(["logs", job_id, "--follow"], slurm.env, timeout=120)
-    assert f"job {job_id} attempt 1" in followed.stdout and f"job {job_id}: CANCELLED" in followed.stdout
+    assert followed.returncode == 75, followed.stderr  # as `run` exits after a checkpointed stop
+    assert f"job {job_id} attempt 1" in followed.stdout and f"job {job_id}: PREEMPTED" in followed.stdout
     listed = run_cli(["list"], slurm.env)
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+    again = run_cli(["stop", job_id], slurm.env)
+    assert again.returncode == 2
+    assert f"Slurm job '{job_id}' is already PREEMPTED: nothing to stop" in again.stderr
+
+
+def test_stop_now_cancels_a_running_job_and_stop_cancels_a_pending_one(slurm: SlurmHarness) -> None:
+    running = slurm.sbatch(*JOB, "--cluster", TORCHRUN, f"output_uri={slurm.tmp / 'stop-now'}")
+    slurm.wait(running, {"RUNNING"}, timeout=300)
+    stopped = run_cli(["stop", running, "--now"], slurm.env, timeout=300)
+    assert stopped.returncode == 0 and f"job {running}: CANCELLED" in stopped.stdout, stopped.stderr
+    assert scontrol_job(running).get("JobState") == "CANCELLED"
+    later = slurm.tmp / "later.yaml"
+    later.write_text((REPO / TORCHRUN).read_text() + "extra_sbatch: ['--begin=now+1hour']\n")
+    pending = slurm.sbatch(*JOB, "--cluster", str(later), f"output_uri={slurm.tmp / 'stop-pending'}")
+    assert scontrol_job(pending).get("JobState") == "PENDING"
+    stopped = run_cli(["stop", pending], slurm.env, timeout=300)
+    assert stopped.returncode == 0 and f"job {pending}: CANCELLED" in stopped.stdout, stopped.stderr
+    assert scontrol_job(pending).get("JobState") == "CANCELLED"
 
 
 def test_rejected_submission_is_a_clear_error(slurm: SlurmHarness) -> None:

@@ -1,4 +1,5 @@
-"""The rendered sbatch scripts: golden files, and hostile values that must stay inert.
+"""The rendered sbatch scripts: golden files, hostile values that must stay inert, and the
+script's trap, requeue and stop machinery and `stop`'s fallbacks, with stand-ins for Slurm.
 
 Regenerate the golden files after an intended template change with
 ``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py`` and review the diff.
@@ -225,28 +226,37 @@ def test_sbatch_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
 
 
 CHILD = """
-import signal, sys, time
+import os, signal, sys, time
 signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))
-print("child ready", flush=True)
+print("child ready", os.environ["SFT_CLUSTER_RUN_ID"], flush=True)
 time.sleep(60)
 """
 
 
-@pytest.mark.parametrize(("restarts", "requeued"), [("0", True), ("3", False)])
-def test_trap_forwards_the_signal_and_requeues_on_75(tmp_path: Path, restarts: str, requeued: bool) -> None:
-    """The script's own machinery, with a stand-in for the training and for scontrol."""
+@pytest.mark.parametrize(
+    ("restarts", "stop", "requeued"), [("0", False, True), ("3", False, False), ("0", True, False)]
+)
+def test_trap_forwards_the_signal_and_requeues_on_75(
+    tmp_path: Path, restarts: str, stop: bool, requeued: bool
+) -> None:
+    """The script's own machinery, with a stand-in for the training and for scontrol;
+    ``stop``: the request ``sft-cluster stop`` leaves, which ends the job without a requeue."""
     import signal
     import sys
     import time
 
     header = _render("torchrun-local").split("# --- torchrun")[0]
     header = header.replace("cd /home/me/sft", f"cd {tmp_path}")
+    header = header.replace("RUN_DIR=/shared/runs/smoke/slurm", f"RUN_DIR={tmp_path}")
     script = tmp_path / "job.sh"
     script.write_text(f'{header}\nrun_child {sys.executable} -c "$CHILD"\nfinish\n')
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
     (bin_dir / "scontrol").chmod(0o755)
+    request = tmp_path / "stop-42"
+    if stop:
+        request.write_text("sft-cluster stop\n")
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -268,9 +278,64 @@ def test_trap_forwards_the_signal_and_requeues_on_75(tmp_path: Path, restarts: s
     log = "".join(lines) + out
     assert proc.returncode == 75, log
     assert "got SIGUSR1" in log
+    assert "child ready slurm-42" in log  # the run id a requeued attempt shares
+    assert requeued == (tmp_path / "scontrol.args").exists(), log
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
         assert "requeue 1 of 3" in log
+    elif stop:
+        assert "stopped by sft-cluster stop, not requeued; resume with: sft-cluster resume " in log
+        assert not request.exists()  # honoured once
     else:
-        assert not (tmp_path / "scontrol.args").exists()
         assert "max_requeues (3) is used up" in log
+
+
+FAKE_SLURM = """#!/bin/bash
+# squeue/scontrol/scancel/sacct stand-ins: the job's state lives in $STATE_FILE.
+state=$(cat "$STATE_FILE")
+case "$(basename "$0")" in
+    squeue) [ "$state" = CANCELLED ] || echo "42|smoke|$state|2026-12-01T10:00:00|None" ;;
+    scontrol) echo "JobId=42 JobName=smoke JobState=$state Command=$RUN_DIR/job.sbatch" ;;
+    scancel)
+        echo "$*" >> "$RUN_DIR/scancel.calls"
+        if [ "$1" = --signal=USR1 ]; then
+            echo "$AFTER_SIGNAL" > "$STATE_FILE"
+        else
+            echo CANCELLED > "$STATE_FILE"
+        fi ;;
+    sacct) exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("after_signal", "why"),
+    [
+        ("PENDING", "it requeued itself although asked to stop (its script did not see"),
+        ("RUNNING", "it was still RUNNING 0 s after the stop request"),
+    ],
+)
+def test_stop_cancels_a_job_that_requeues_or_keeps_running(
+    tmp_path: Path, monkeypatch, after_signal: str, why: str
+) -> None:
+    """``stop`` when the script does not end the job (an older script, an unshared run folder,
+    a stuck training): it still ends, by ``scancel``, and says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("squeue", "scontrol", "scancel", "sacct"):
+        (bin_dir / name).write_text(FAKE_SLURM)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run" / "slurm"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "state").write_text("RUNNING\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("STATE_FILE", str(tmp_path / "state"))
+    monkeypatch.setenv("RUN_DIR", str(run_dir))
+    monkeypatch.setenv("AFTER_SIGNAL", after_signal)
+    monkeypatch.setenv("SFT_CLUSTER_STATE_DIR", str(tmp_path / "registry"))
+    backend = SlurmBackend(_cluster(partition="debug", signal="B:USR1@60"), "c.yaml")
+    final = backend.stop("42", wait_seconds=0)
+    assert final.state == "CANCELLED"
+    assert final.message.startswith(f"{why}") and ": cancelled with scancel;" in final.message
+    assert (run_dir / "scancel.calls").read_text().splitlines() == ["--signal=USR1 --batch 42", "42"]
+    assert (run_dir / "stop-42").exists()  # the request the script would have honoured

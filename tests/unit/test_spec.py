@@ -507,12 +507,40 @@ def test_bad_slurm_time(in_tmp: Path, time: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("signal", ["B:USR1@300", "USR1", "SIGTERM@60", "B:10@90"])
-def test_slurm_signal_formats(in_tmp: Path, signal: str) -> None:
-    assert load_cluster(write(f"kind: slurm\nsignal: '{signal}'\n", "c/s.yaml")).signal == signal
+@pytest.mark.parametrize(
+    ("signal", "launcher"),
+    [
+        ("B:USR1@300", "ray"),
+        ("B:10@90", "ray"),
+        ("RB:USR1@60", "ray"),
+        ("B:USR1@300", "torchrun"),
+        # torchrun's step holds the workers: they checkpoint, exit 75, the script requeues.
+        ("USR1", "torchrun"),
+        ("SIGTERM@60", "torchrun"),
+        ("R:USR1@60", "torchrun"),
+    ],
+)
+def test_slurm_signal_formats(in_tmp: Path, signal: str, launcher: str) -> None:
+    text = f"kind: slurm\nlauncher: {launcher}\nsignal: '{signal}'\n"
+    assert load_cluster(write(text, "c/s.yaml")).signal == signal
 
 
-@pytest.mark.parametrize("signal", ["USR1@abc", "X:USR1", "usr1", "B:"])
+@pytest.mark.parametrize(
+    ("signal", "fix"), [("USR1@300", "B:USR1@300"), ("SIGTERM", "B:SIGTERM"), ("R:USR1@60", "RB:USR1@60")]
+)
+def test_slurm_signal_without_batch_flag_is_rejected_for_ray(in_tmp: Path, signal: str, fix: str) -> None:
+    """Slurm would signal the `ray start` steps, not the batch script: no commit, no requeue."""
+    assert cluster_errors(f"kind: slurm\nlauncher: ray\nsignal: '{signal}'\n") == [
+        f"error: clusters/c.yaml: signal = '{signal}' with launcher: ray: without 'B:' Slurm signals "
+        "the job steps (the `ray start` processes) instead of the batch script; the Ray cluster goes "
+        f"down before a checkpoint is committed and the job fails without a requeue (use '{fix}')"
+    ]
+    assert cluster_errors(f"kind: slurm\nsignal: '{signal}'\n")[0].startswith(
+        f"error: clusters/c.yaml: signal = '{signal}' with launcher: ray:"
+    )  # ray is the default launcher
+
+
+@pytest.mark.parametrize("signal", ["USR1@abc", "X:USR1", "usr1", "B:", "BB:USR1"])
 def test_bad_slurm_signal(in_tmp: Path, signal: str) -> None:
     assert cluster_errors(f"kind: slurm\nsignal: '{signal}'\n") == [
         f"error: clusters/c.yaml: signal = '{signal}': must be [B:]SIGNAL[@SECONDS], e.g. B:USR1@300"
