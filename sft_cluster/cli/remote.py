@@ -110,7 +110,8 @@ def _call(fn, *args, **kwargs):
 
 
 def _follow_to_end(job_id: str, cluster: Path | None) -> None:
-    """Stream the log, then exit as ``run`` would: 0 succeeded, 75 checkpointed and stopped, 1 failed."""
+    """Stream the log, then exit as ``run`` would: 0 succeeded, 75 checkpointed and stopped, 2 refused
+    (the job file or its run directory), 1 failed."""
     from sft_cluster.launch import LaunchError
 
     backend = _backend_for(job_id, cluster)
@@ -128,7 +129,8 @@ def _follow_to_end(job_id: str, cluster: Path | None) -> None:
     if final.message and not final.succeeded:
         errors.print(final.message, highlight=False, markup=False, soft_wrap=True)
     if not final.succeeded:
-        raise typer.Exit(1)
+        # A run refused before it started (exit 2: the job file or run directory) stays a user error.
+        raise typer.Exit(exitcodes.USER_ERROR if final.exit_code == exitcodes.USER_ERROR else 1)
 
 
 @app.command()

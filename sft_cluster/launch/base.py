@@ -45,6 +45,7 @@ class JobState:
     end: float | None = None
     output_uri: str | None = None
     message: str | None = None
+    exit_code: int | None = None  # of the job's program, where the backend knows it
 
     @property
     def finished(self) -> bool:

@@ -341,6 +341,7 @@ def _state(info: Any) -> JobState:
         start=info.start_time / 1000 if info.start_time else None,
         end=info.end_time / 1000 if info.end_time else None,
         output_uri=metadata.get("output_uri"),
+        exit_code=getattr(info, "driver_exit_code", None),
         message=(info.message or "").splitlines()[0]
         if info.message and status not in ("SUCCEEDED", "PREEMPTED")
         else None,

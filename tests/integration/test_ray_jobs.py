@@ -228,6 +228,27 @@ def _wait_log(head: RayHead, job_id: str, needle: str, timeout: float = 300) -> 
         time.sleep(2)
 
 
+def test_resubmitting_a_finished_run(smoke, s3_run, s3_server):  # noqa: F811
+    """Completed: nothing is trained, exit 0. A new run over its commits (resume: never): exit 2."""
+    _, bucket = smoke
+    args, env, _ = s3_run
+    before = {
+        k: s3_server.client().head_object(Bucket=bucket, Key=k)["ETag"]
+        for k in s3_server.keys(bucket, "runs/smoke/")
+    }
+    done = run_cli([*args, "train.max_steps=20"], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "already completed: step 20 of train.max_steps 20 is committed" in done.stdout
+    refused = run_cli([*args, "train.max_steps=20", "checkpoint.resume=never"], env)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "holds committed checkpoints of an earlier run" in refused.stdout
+    after = {
+        k: s3_server.client().head_object(Bucket=bucket, Key=k)["ETag"]
+        for k in s3_server.keys(bucket, "runs/smoke/")
+    }
+    assert after == before  # neither start wrote or deleted anything in the run directory
+
+
 def test_stop_a_running_job(work, s3_server, ray_head: RayHead):  # noqa: F811
     """``stop``: the run checkpoints, commits and ends (PREEMPTED, resumable); ``stop --now``
     ends another at once. The first writes to S3, and the stop request reaches it there
