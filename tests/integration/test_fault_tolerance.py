@@ -88,7 +88,8 @@ def test_checkpoint_layout_and_retention(baseline):
 def test_sigkilled_worker_is_replaced_and_result_is_unchanged(workdir, baseline):
     tmp, env = workdir
     out = tmp / "killed"
-    proc = _start(out, env)
+    # `resume: never` keeps a new run off other runs' checkpoints, never off its own restarts.
+    proc = _start(out, env, "checkpoint.resume=never")
     _wait_for(out / "checkpoints" / "step-00000010" / "COMMITTED", proc)
     workers = [
         p

@@ -1,0 +1,51 @@
+"""The run claim on a real local run directory: whose commits these are, and what a start may do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sft_cluster.checkpoint import CheckpointStore, Manifest, hash_local_dir
+from sft_cluster.spec import load_job
+from sft_cluster.tracking import RUN_ID_ENV, run_dir_of
+from sft_cluster.train.runstart import RunComplete, RunRefused, check_start, claim_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job(out: Path, *overrides: str):
+    return load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={out}", "train.max_steps=20", *overrides])
+
+
+def _commit(out: Path, step: int, tmp: Path) -> None:
+    local = tmp / f"staged-{step}"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(b"m" * step)
+    store = CheckpointStore(str(out))
+    store.upload(local, step)
+    store.commit(Manifest(step=step, files=hash_local_dir(local)))
+
+
+def test_a_restart_of_the_same_run_resumes_even_with_resume_never(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(RUN_ID_ENV, "slurm-1234")  # what a requeued Slurm job carries again
+    claim_run(_job(out, "checkpoint.resume=never"), 2, print)
+    assert run_dir_of(_job(out)).read_json(str(out / "run.json"))["run_id"] == "slurm-1234"
+    _commit(out, 10, tmp_path)
+    assert check_start(_job(out, "checkpoint.resume=never")) is True  # its own commits
+    monkeypatch.setenv(RUN_ID_ENV, "slurm-9999")  # another job into the same folder
+    with pytest.raises(RunRefused, match="holds committed checkpoints of an earlier run"):
+        check_start(_job(out, "checkpoint.resume=never"))
+    assert check_start(_job(out)) is True  # resume: auto continues that run
+
+
+def test_a_committed_last_step_is_complete_only_with_its_final_model(tmp_path):
+    out = tmp_path / "run"
+    _commit(out, 20, tmp_path)
+    assert check_start(_job(out)) is True  # final/ missing: the worker writes it, trains nothing
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    with pytest.raises(RunComplete, match="already completed: step 20 of train.max_steps 20"):
+        check_start(_job(out))
+    assert check_start(_job(out, "train.max_steps=30")) is True  # asked for more: it continues
