@@ -1,5 +1,5 @@
-"""Real faults on the embedded Ray cluster: a SIGKILLed worker, a preemption
-signal, corrupt checkpoints. Each run must end with the weights and per-step
+"""Real faults on the embedded Ray cluster: SIGKILLed workers and drivers (the chaos test),
+a preemption signal, corrupt checkpoints. Each run must end with the weights and per-step
 losses of an uninterrupted run (CPU, DDP over gloo: bitwise in practice; we
 allow 1e-6).
 """
@@ -85,34 +85,6 @@ def test_checkpoint_layout_and_retention(baseline):
         assert manifest["files"][name]["size"] == (newest / name).stat().st_size
 
 
-def test_sigkilled_worker_is_replaced_and_result_is_unchanged(workdir, baseline):
-    tmp, env = workdir
-    out = tmp / "killed"
-    # `resume: never` keeps a new run off other runs' checkpoints, never off its own restarts.
-    proc = _start(out, env, "checkpoint.resume=never")
-    _wait_for(out / "checkpoints" / "step-00000010" / "COMMITTED", proc)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "RayTrainWorker" in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 2, [p.cmdline() for p in workers]
-    workers[-1].send_signal(signal.SIGKILL)  # a real fault, not an exception in our code
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-4000:]
-    assert "failed" in output and "restarting the worker group" in output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["restarts"] == 1
-    restart = summary["resumed_from"][0]
-    assert restart >= 10
-    assert f"resumed from step {restart}" in output
-    base, ours = _losses(baseline), _losses(out)
-    assert sorted(ours) == list(range(1, STEPS + 1))  # every step logged exactly once
-    for step in range(restart + 1, STEPS + 1):
-        assert abs(ours[step] - base[step]) <= 1e-6, (step, ours[step], base[step])
-    assert max_weight_diff(out, baseline) <= 1e-6
-
-
 def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, baseline):
     tmp, env = workdir
     out = tmp / "preempted"
@@ -139,24 +111,6 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     assert summary["launcher"] == "torchrun"
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
     assert max_weight_diff(out, baseline) <= 1e-6
-
-
-def test_killed_driver_then_resume_command(workdir, baseline):
-    tmp, env = workdir
-    out = tmp / "driver-killed"
-    proc = _start(out, env)
-    _wait_for(out / "checkpoints" / "step-00000020" / "COMMITTED", proc)
-    started = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()  # SIGKILL: no cleanup code of ours runs
-    proc.wait()
-    resumed = run_cli(["resume", str(out)], env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_from"][0] >= 20
-    assert max_weight_diff(out, baseline) <= 1e-6
-    # Ray's own processes of the killed run did not outlive it.
-    _, alive = psutil.wait_procs(started, timeout=60)
-    assert not alive, [p.cmdline()[:3] for p in alive]
 
 
 def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):
@@ -223,7 +177,8 @@ def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, baseline)
         else:
             target.send_signal(signal.SIGKILL)
 
-    first = _start(out, env, "checkpoint.max_failures=5")
+    # `resume: never` keeps a new run off other runs' checkpoints, never off its own restarts.
+    first = _start(out, env, "checkpoint.max_failures=5", "checkpoint.resume=never")
     # 1. A worker dies before anything was committed: the restart starts from step 0.
     threshold = rng.randint(2, 5)
     _until(lambda: last_step() >= threshold and not _committed(out), first, "the first steps")
@@ -259,6 +214,8 @@ def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, baseline)
     fault("SIGUSR1 to the driver", "right after a commit", first)
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 75, output[-4000:]
+    assert output.count("restarting the worker group") >= 3, output[-4000:]
+    assert "resumed from step" in output
     stopped_at = json.loads((out / "summary.json").read_text())["steps"]
     assert stopped_at in _committed(out) and stopped_at < STEPS - 5
 
