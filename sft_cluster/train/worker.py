@@ -171,9 +171,11 @@ def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPla
             )
         return eval_batches(plan, rank, data, job.storage, tokenizer, job.train.micro_batch_size)
 
+    run = run_dir_of(job)
+
     def record(event: dict[str, Any]) -> None:
         if rank == 0:
-            events = JsonlLog(run_dir_of(job).events, run_dir_of(job).options)
+            events = JsonlLog(run.events, run.options)
             events.append(event)
             events.close()
 
@@ -211,7 +213,8 @@ def _resume_point(
     local_rank = os.environ.get("LOCAL_RANK")
     folder, fetched = fetch_checkpoint(store, step, token, rank, int(local_rank) if local_rank else None)
     if fetched is not None:
-        size = sum(int(store.read_manifest(step).files[rel]["size"]) for rel in fetched)
+        sizes = store.read_manifest(step).files
+        size = sum(int(sizes[rel]["size"]) for rel in fetched)
         sink.emit(
             {
                 "kind": "notice",
