@@ -19,32 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from sft_cluster.checkpoint import CheckpointStore, Manifest
 from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file
 from sft_cluster.spec import CheckpointSpec
-from sft_cluster.train import signals, staging
+from sft_cluster.train import collectives, signals, staging
 
 log = logging.getLogger("sft_cluster.checkpoint")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_true(flag: bool) -> bool:
-    if not _distributed():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def _any_true(flag: bool) -> bool:
-    return not _all_true(not flag)
 
 
 def files_of_rank(local: Path, rank: int, world_size: int) -> list[str]:
@@ -55,10 +37,9 @@ def files_of_rank(local: Path, rank: int, world_size: int) -> list[str]:
     shards. A file staged by several ranks is uploaded by the lowest of them.
     """
     mine = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    if world_size == 1 or not _distributed():
+    if world_size == 1:
         return mine
-    listings: list[list[str] | None] = [None] * world_size
-    dist.all_gather_object(listings, mine)
+    listings = collectives.gather_objects(mine)
     taken = {rel for listing in listings[:rank] for rel in listing or []}
     return [rel for rel in mine if rel not in taken]
 
@@ -134,12 +115,12 @@ class CommitCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # At the last step a stop request changes nothing: the run completes, with final/.
-        if _any_true(signals.STOP_REQUESTED.is_set()) and state.global_step < state.max_steps:
+        if collectives.any_true(signals.STOP_REQUESTED.is_set()) and state.global_step < state.max_steps:
             # Every rank stops at the same step, after saving it.
             self.stopped_for_preemption = True
             control.should_save = True
             control.should_training_stop = True
-        if self.pending is not None and _all_true(self.pending.done):
+        if self.pending is not None and collectives.all_true(self.pending.done):
             self._commit()
         return control
 
@@ -150,8 +131,7 @@ class CommitCallback(TrainerCallback):
             self.stage_extra(local, state.global_step)
         if self.rank == 0:
             self.store.begin(state.global_step)  # a re-saved step stops looking committed first
-        if _distributed():
-            dist.barrier()  # every rank's files are staged, and the old marker is gone
+        collectives.barrier()  # every rank's files are staged, and the old marker is gone
         files = files_of_rank(local, self.rank, self.world_size)
         self.pending = _Upload(self.store, local, files, state.global_step)
         if not self.spec.async_upload:
@@ -171,10 +151,7 @@ class CommitCallback(TrainerCallback):
         # Every rank learns of any rank's failure in the same collective: nobody waits for a
         # share that will never come.
         error = None if upload.error is None else f"{type(upload.error).__name__}: {upload.error}"
-        shares = [{"hashes": upload.hashes, "error": error}]
-        if _distributed():
-            shares = [None] * self.world_size
-            dist.all_gather_object(shares, {"hashes": upload.hashes, "error": error})
+        shares = collectives.gather_objects({"hashes": upload.hashes, "error": error})
         failed = [(rank, share["error"]) for rank, share in enumerate(shares) if share["error"]]
         if failed:
             where = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
@@ -201,8 +178,7 @@ class CommitCallback(TrainerCallback):
             if self.on_commit is not None:
                 self.on_commit(upload.step)
         self.committed.append(upload.step)
-        if _distributed():
-            dist.barrier()  # nobody races ahead of the commit
+        collectives.barrier()  # nobody races ahead of the commit
         shutil.rmtree(upload.local, ignore_errors=True)
 
 
@@ -210,13 +186,11 @@ def find_resume_step(
     store: CheckpointStore, rank: int, fast: bool = False, on_skip: Callable[[str], None] | None = None
 ) -> tuple[int, str] | None:
     """Rank 0 picks the newest verified commit; every rank gets the same (step, fetch token)."""
-    choice: list[Any] = [None]
+    choice = None
     if rank == 0:
         latest = store.latest(fast=fast, on_skip=on_skip)
-        choice = [(latest.step, uuid.uuid4().hex[:16]) if latest else None]
-    if _distributed():
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+        choice = (latest.step, uuid.uuid4().hex[:16]) if latest else None
+    return collectives.broadcast_from_rank0(choice)
 
 
 def fetch_checkpoint(
@@ -238,6 +212,5 @@ def fetch_checkpoint(
     folder = staging.node_folder(token if local_rank is not None else f"{token}-r{rank}", owner=owner)
     files = files_to_fetch(manifest, [rank], shared=owner)
     store.download_files(step, files, folder)
-    if _distributed():
-        dist.barrier()  # the node's shared files are in place
+    collectives.barrier()  # the node's shared files are in place
     return folder, files

@@ -14,17 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
+from sft_cluster.train import collectives
+
 Batch = dict[str, torch.Tensor]
-
-
-def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
 
 
 class EvalCallback(TrainerCallback):
@@ -63,7 +57,7 @@ class EvalCallback(TrainerCallback):
             self._batches = self._make_batches()
         trainer = self.trainer
         model = trainer.model
-        (count,) = _all_reduce([len(self._batches)], dist.ReduceOp.MAX)
+        (count,) = collectives.reduce_numbers([len(self._batches)], "max")
         loss_sum = tokens = 0.0
         was_training = model.training
         model.eval()
@@ -79,5 +73,5 @@ class EvalCallback(TrainerCallback):
                 tokens += counted
         if was_training:
             model.train()
-        loss_sum, tokens = _all_reduce([loss_sum, tokens], dist.ReduceOp.SUM)
+        loss_sum, tokens = collectives.reduce_numbers([loss_sum, tokens], "sum")
         return loss_sum / tokens if tokens else float("nan")

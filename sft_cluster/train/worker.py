@@ -18,7 +18,6 @@ from typing import Any
 
 import datasets
 import torch
-import torch.distributed as dist
 from peft import LoraConfig
 from torch.utils.data import DataLoader
 from trl import SFTConfig, SFTTrainer
@@ -30,7 +29,7 @@ from sft_cluster.data.evalset import eval_batches, eval_data, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
-from sft_cluster.train import signals, staging
+from sft_cluster.train import collectives, signals, staging
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step
 from sft_cluster.train.dataplan import cursor_file, read_cursor
@@ -90,12 +89,6 @@ def _sft_config(
     )
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class _StreamingSFTTrainer(SFTTrainer):
     """Feeds this rank's packed rows as they are: no re-tokenizing, no re-sharding, no batch skipping.
 
@@ -124,10 +117,7 @@ class _StreamingSFTTrainer(SFTTrainer):
 
 def _plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
     """Rank 0 lists and plans (once for the world); every rank gets the same plan."""
-    text = [make().to_json() if rank == 0 else None]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(text, src=0)
-    return ShardPlan.from_json(text[0])
+    return ShardPlan.from_json(collectives.broadcast_from_rank0(make().to_json() if rank == 0 else None))
 
 
 _OUTCOMES = {"refused": RunRefused, "complete": RunComplete, "data": DataError}
@@ -136,7 +126,7 @@ _OUTCOMES = {"refused": RunRefused, "complete": RunComplete, "data": DataError}
 def _claimed_plan(job: JobSpec, rank: int, world_size: int, claim: bool, sink: ProgressSink) -> ShardPlan:
     """The run's plan. ``claim``: no driver claimed the run (torchrun), so rank 0 does it here;
     a refusal reaches every rank, which raises it too."""
-    outcome: list[Any] = [None]
+    outcome: tuple[str, str] | None = None
     if rank == 0:
         run = run_dir_of(job)
         try:
@@ -145,13 +135,11 @@ def _claimed_plan(job: JobSpec, rank: int, world_size: int, claim: bool, sink: P
                 plan = claim_run(job, world_size, notify).plan
             else:
                 plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
-            outcome = [("plan", plan.to_json())]
+            outcome = ("plan", plan.to_json())
         except (RunRefused, RunComplete, DataError) as exc:
             kind = next(k for k, cls in _OUTCOMES.items() if isinstance(exc, cls))
-            outcome = [(kind, str(exc))]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(outcome, src=0)
-    kind, text = outcome[0]
+            outcome = (kind, str(exc))
+    kind, text = collectives.broadcast_from_rank0(outcome)
     if kind != "plan":
         raise _OUTCOMES[kind](text)
     return ShardPlan.from_json(text)
@@ -196,7 +184,7 @@ def run_worker(
     started = time.time()
     signals.install(job.checkpoint.preemption_signals)  # a no-op off the main thread
     staging.sweep()  # folders of attempts that were killed on this node
-    with staging.staging(f"{job.name}-rank{_world()[0]}") as stage:
+    with staging.staging(f"{job.name}-rank{collectives.rank_and_world()[0]}") as stage:
         return _train(job, sink or LogSink(), verify_fast, make_plan, stage, started)
 
 
@@ -227,7 +215,7 @@ def _resume_point(
 def _train(
     job: JobSpec, sink: ProgressSink, verify_fast: bool, make_plan: bool, stage: Path, started: float
 ) -> dict[str, Any]:
-    rank, _ = _world()
+    rank, _ = collectives.rank_and_world()
     on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
     precision = resolve_precision(job, on_gpu and torch.cuda.is_bf16_supported())
     run = run_dir_of(job)
@@ -235,12 +223,12 @@ def _train(
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage / "tensorboard")
 
     tokenizer = load_tokenizer(job.model)
-    strategy = plan_strategy(job, _world()[1], precision, on_gpu)
+    strategy = plan_strategy(job, collectives.rank_and_world()[1], precision, on_gpu)
     prepare_process(strategy, on_gpu)
     args = _sft_config(job, str(stage / "trainer"), precision, on_gpu, strategy)
     _ = args.device  # sets up the distributed state
     prepare_trainer(strategy, on_gpu)
-    rank, world_size = _world()
+    rank, world_size = collectives.rank_and_world()
     data_plan = _claimed_plan(job, rank, world_size, make_plan, sink)
     # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
     model = build_model(job.model, job.train.seed)
@@ -285,7 +273,7 @@ def _fit(
     started: float,
     verify_fast: bool,
 ) -> dict[str, Any]:
-    rank, world_size = _world()
+    rank, world_size = collectives.rank_and_world()
     run = run_dir_of(job)
     cursor = read_cursor(resume_dir, rank) if resume_dir is not None else None
     train_dataset = PackedDataset(
