@@ -102,7 +102,9 @@ class RestartNotice(UserCallback):
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     from sft_cluster.train import run_worker
+    from sft_cluster.train.staging import NODE_ENV
 
+    os.environ[NODE_ENV] = ray.get_runtime_context().get_node_id()
     job = JobSpec.model_validate(config["job"])
     run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"], make_plan=False)
 
@@ -196,6 +198,28 @@ def describe_failure(exc: Exception) -> tuple[str, str]:
     return (text.splitlines()[-1] if text else type(exc).__name__), text
 
 
+def worker_nodes(per_worker: dict[str, float]) -> int:
+    """How many alive nodes of the cluster could run one of this job's workers."""
+    return sum(
+        1
+        for node in ray.nodes()
+        if node["Alive"]
+        and all(node["Resources"].get(name, 0) >= amount for name, amount in per_worker.items())
+    )
+
+
+def ray_train_storage(run: RunDir) -> dict[str, Any]:
+    """Ray Train's own ``storage_path`` (and filesystem): under the run directory, so every node
+    reaches it as it reaches the run (raylets of one machine share /tmp; a cluster's nodes do not)."""
+    uri = storage.join(run.uri, "ray-train")
+    if storage.is_local(uri):
+        return {"storage_path": str(storage.local_path(uri))}
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri, run.options)
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
 def run_training(
     job: JobSpec, console: Console, started_at: float | None = None, verify_fast: bool = False
 ) -> dict[str, Any]:
@@ -203,8 +227,11 @@ def run_training(
     started_at = started_at or time.time()
     run = run_dir_of(job)
     resources = job.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker > 0:
+        per_worker["GPU"] = resources.gpus_per_worker
     try:
-        start = claim_run(job, resources.num_workers, console.print)
+        start = claim_run(job, resources.num_workers, console.print, nodes=worker_nodes(per_worker))
     except (DataError, RunRefused) as exc:
         # Refused before anything was written: the run directory is as it was.
         console.print(f"[red]error:[/red] {exc}", highlight=False)
@@ -223,9 +250,6 @@ def run_training(
     stop_file = StopFile(run, start.run_id)
     stop_file.clear(only_stale=True)
     use_gpu = resources.gpus_per_worker > 0
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     channel = ProgressChannel.remote()
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -241,7 +265,7 @@ def run_training(
         run_config=RunConfig(
             # Unique per attempt: Ray Train would treat a reused name as its own resume.
             name=f"{job.name}-{uuid.uuid4().hex[:8]}",
-            storage_path=os.path.join(tempfile.gettempdir(), "sft-cluster", "ray-train"),
+            **ray_train_storage(run),
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
             callbacks=[RestartNotice(channel)],
         ),

@@ -94,11 +94,13 @@ def validate_pair(job: JobSpec, cluster: ClusterSpec) -> list[str]:
     multi_node = (isinstance(cluster, RayCluster) and cluster.multi_node) or (
         isinstance(cluster, SlurmCluster) and (cluster.nodes or 1) > 1
     )
-    if multi_node and job.output_uri is not None and is_local_uri(job.output_uri):
+    local_output = job.output_uri is not None and is_local_uri(job.output_uri)
+    if multi_node and local_output and not job.storage.shared_filesystem:
         warnings.append(
             f"output_uri = {job.output_uri!r} is a local path on a multi-node cluster: each node "
-            "would write its own partial copy; use shared storage such as s3://bucket/runs/"
-            f"{job.name}"
+            "would write its own partial copy, and the run is refused at start; use shared storage "
+            f"such as s3://bucket/runs/{job.name}, or set storage.shared_filesystem: true if the "
+            "path is on a filesystem every node mounts"
         )
     if isinstance(cluster, SlurmCluster) and job.resources.gpus_per_worker > 0 and cluster.gpus_per_node == 0:
         warnings.append(

@@ -58,6 +58,8 @@ def reject_credentials(options: dict[str, Any]) -> dict[str, Any]:
 class StorageSpec(Strict):
     endpoint_url: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    # A local output_uri is on a filesystem every node mounts (NFS, Lustre): multi-node may use it.
+    shared_filesystem: bool = False
 
     _no_credentials = field_validator("options")(reject_credentials)
 

@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any
 
+from sft_cluster.train import staging
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.model import parameter_share
 
@@ -58,6 +59,7 @@ def worker_report(
         "hostname": socket.gethostname(),
         # Slurm's node name tells fake (or containerised) nodes on one host apart.
         "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "ray_node_id": os.environ.get(staging.NODE_ENV),
         "pid": os.getpid(),
         "distributed_type": trainer.accelerator.distributed_type.value,
         "model_wrapper": type(trainer.model_wrapped).__name__,

@@ -165,9 +165,27 @@ def check_start(job: JobSpec) -> bool:
     return True
 
 
-def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None]) -> RunStart:
-    """Check this start (see ``check_start``), then take the run directory: its plan, the
-    resolved ``job.yaml`` (what ``sft-cluster resume`` reads) and ``run.json``."""
+def check_reach(job: JobSpec, nodes: int) -> None:
+    """Refuse a local ``output_uri`` when workers may run on several nodes.
+
+    Each node would write its own partial copy of every checkpoint, and a worker
+    restarted on another node (after a node loss) would not find the run's commits.
+    """
+    if nodes > 1 and storage.is_local(job.output_uri) and not job.storage.shared_filesystem:
+        raise RunRefused(
+            f"output_uri = {job.output_uri!r} is a local path, and {nodes} nodes can run this job's "
+            "workers: each node would keep its own partial checkpoints, and a worker restarted on "
+            f"another node would not find them. Use storage every node reaches (s3://BUCKET/runs/"
+            f"{job.name}, gs://...), or set storage.shared_filesystem: true if the path is on a "
+            "filesystem every node mounts (NFS, Lustre)"
+        )
+
+
+def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:
+    """Check this start (see ``check_reach`` and ``check_start``; ``nodes``: how many nodes
+    may run its workers), then take the run directory: its plan, the resolved ``job.yaml``
+    (what ``sft-cluster resume`` reads) and ``run.json``."""
+    check_reach(job, nodes)
     resuming = check_start(job)
     plan = ensure_plan(job, world_size, notify, resuming=resuming)
     run = run_dir_of(job)

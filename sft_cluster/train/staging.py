@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 PREFIX = "sftc-stage-"
 _OWNER = ".owner-pid"
+# Set by the Ray driver in each worker: its Ray node. Nodes of one host (test clusters,
+# containers) share /tmp, so the node, not the host, names a node's shared folder.
+NODE_ENV = "SFT_CLUSTER_NODE_ID"
+
+
+def node_key() -> str:
+    """This process's node: the Ray node, else Slurm's node name, else the host name."""
+    return os.environ.get(NODE_ENV) or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _root() -> Path:
@@ -54,7 +64,8 @@ def sweep() -> list[Path]:
 
 def node_folder(token: str, owner: bool) -> Path:
     """A folder every rank of this node finds by the same ``token``; ``owner`` makes it."""
-    folder = _root() / f"{PREFIX}resume-{token}"
+    node = re.sub(r"[^A-Za-z0-9_.-]", "_", node_key())[:64]
+    folder = _root() / f"{PREFIX}resume-{token}-{node}"
     return _claim(folder) if owner else folder
 
 

@@ -132,7 +132,9 @@ def _claimed_plan(job: JobSpec, rank: int, world_size: int, claim: bool, sink: P
         try:
             if claim:
                 notify = lambda message: sink.emit({"kind": "notice", "message": message})  # noqa: E731
-                plan = claim_run(job, world_size, notify).plan
+                # torchrun's GROUP_WORLD_SIZE: how many nodes (agents) run this job's ranks.
+                nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+                plan = claim_run(job, world_size, notify, nodes=nodes).plan
             else:
                 plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
             outcome = ("plan", plan.to_json())

@@ -195,7 +195,15 @@ def test_torchrun_template_on_two_fake_nodes(slurm: SlurmHarness) -> None:
     out = slurm.tmp / "torchrun-2node"
     cluster = slurm.tmp / "torchrun-2node.yaml"
     cluster.write_text((REPO / TWO_NODES).read_text().replace("launcher: ray", "launcher: torchrun"))
-    job_id = slurm.sbatch(*JOB, "train.max_steps=10", "--cluster", str(cluster), f"output_uri={out}")
+    # The fake nodes share this machine's disk: a local output_uri is shared, as on NFS.
+    job_id = slurm.sbatch(
+        *JOB,
+        "train.max_steps=10",
+        "storage.shared_filesystem=true",
+        "--cluster",
+        str(cluster),
+        f"output_uri={out}",
+    )
     seen, _ = _run_watching_nodes(slurm, job_id, "-m sft_cluster.train")
     assert seen == {"node1", "node2"}
     summary = _summary(out)
@@ -207,8 +215,9 @@ def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
     out = slurm.tmp / "ray-2node"
     # 2 CPUs a worker on 2-CPU nodes: one worker on each node.
     job_id = slurm.sbatch(
-        *JOB, "train.max_steps=10", "resources.cpus_per_worker=2", "--cluster", TWO_NODES, f"output_uri={out}"
-    )
+        *JOB, "train.max_steps=10", "resources.cpus_per_worker=2", "storage.shared_filesystem=true",
+        "--cluster", TWO_NODES, f"output_uri={out}",
+    )  # fmt: skip
     seen, fields = _run_watching_nodes(slurm, job_id, "RayTrainWorker")
     log = Path(fields["StdOut"]).read_text()
     assert "2 Ray node(s) joined" in log

@@ -49,3 +49,16 @@ def test_a_committed_last_step_is_complete_only_with_its_final_model(tmp_path):
     with pytest.raises(RunComplete, match="already completed: step 20 of train.max_steps 20"):
         check_start(_job(out))
     assert check_start(_job(out, "train.max_steps=30")) is True  # asked for more: it continues
+
+
+def test_a_local_output_uri_is_refused_when_several_nodes_can_run_workers(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RunRefused) as refused:
+        claim_run(_job(out), 2, print, nodes=2)
+    message = str(refused.value)
+    assert f"output_uri = '{out}' is a local path, and 2 nodes can run" in message
+    assert "s3://BUCKET/runs/smoke" in message and "storage.shared_filesystem: true" in message
+    assert not out.exists()  # refused before anything was written
+    claim_run(_job(out, "storage.shared_filesystem=true"), 2, print, nodes=2)  # NFS, Lustre: allowed
+    claim_run(_job(tmp_path / "one-node"), 2, print, nodes=1)
+    assert (out / "run.json").exists() and (tmp_path / "one-node" / "run.json").exists()

@@ -579,7 +579,9 @@ def test_local_output_on_multi_node_cluster_warns(in_tmp: Path) -> None:
     job = load_job(write(MINIMAL))
     warning = (
         "output_uri = 'runs/t' is a local path on a multi-node cluster: each node would write "
-        "its own partial copy; use shared storage such as s3://bucket/runs/t"
+        "its own partial copy, and the run is refused at start; use shared storage such as "
+        "s3://bucket/runs/t, or set storage.shared_filesystem: true if the path is on a filesystem "
+        "every node mounts"
     )
     assert validate_pair(job, RayCluster(multi_node=True)) == [warning]
     assert validate_pair(job, SlurmCluster(nodes=2)) == [warning]
@@ -587,6 +589,8 @@ def test_local_output_on_multi_node_cluster_warns(in_tmp: Path) -> None:
     assert validate_pair(job, SlurmCluster(nodes=1)) == []
     shared = load_job(write(MINIMAL), ["output_uri=s3://bucket/runs/t"])
     assert validate_pair(shared, SlurmCluster(nodes=4)) == []
+    nfs = load_job(write(MINIMAL), ["storage.shared_filesystem=true"])
+    assert validate_pair(nfs, SlurmCluster(nodes=4)) == []
 
 
 def test_gpus_asked_but_not_allocated_warns(in_tmp: Path) -> None:
