@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,8 +10,11 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import is_flash_attn_2_available
 
 from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
+
+log = logging.getLogger("sft_cluster.train")
 
 
 def _resolve(name: str) -> str:
@@ -46,6 +50,24 @@ def _without_zero3_init() -> Iterator[None]:
             hf_deepspeed.set_hf_deepspeed_config(ref())
 
 
+def attention_implementation(requested: str) -> str:
+    """``flash_attention_2`` where the flash_attn package and a CUDA GPU are there, else ``sdpa``.
+
+    A fallback with a warning rather than an error: the run is the same apart
+    from speed, and a failing Ray worker would be restarted ``max_failures``
+    times for nothing. Without this, a model built from a config would fail
+    only at its first forward, and transformers may try the Hub's kernels
+    (unreachable from most cluster nodes).
+    """
+    if requested != "flash_attention_2" or is_flash_attn_2_available():
+        return requested
+    log.warning(
+        "model.attn_implementation = flash_attention_2, but the flash_attn package (>= 2.3.3) or a "
+        "CUDA GPU is missing on this worker: training with sdpa instead (pip install flash-attn)"
+    )
+    return "sdpa"
+
+
 def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
     """Load weights, or initialise them from the config with ``seed`` (same on every rank).
 
@@ -54,15 +76,16 @@ def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
     dtype = torch.float32
     path = _resolve(model.name_or_path)
     common = {"trust_remote_code": model.trust_remote_code}
+    attention = attention_implementation(model.attn_implementation)
     if model.from_config:
         config = AutoConfig.from_pretrained(path, **common)
-        config._attn_implementation = model.attn_implementation
+        config._attn_implementation = attention
         transformers.set_seed(seed)
         with _without_zero3_init():
             built = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     else:
         built = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=model.attn_implementation, **common
+            path, dtype=dtype, attn_implementation=attention, **common
         )
     # Packed rows carry position ids; without a KV cache transformers keeps
     # attention inside each packed sequence.

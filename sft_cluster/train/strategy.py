@@ -9,12 +9,14 @@ Two narrow workarounds make the CPU path real (see docs/strategies.md):
 DeepSpeed needs accelerate to reuse the gloo group the launcher created, and
 accelerate enables FSDP only for GPU device types, so on CPU the shared
 ``PartialState`` is marked MULTI_GPU before the Trainer builds its
-Accelerator (accelerate 1.15 pinned; the device stays CPU).
+Accelerator (accelerate 1.15 pinned; the device stays CPU). On GPUs neither
+is touched: accelerate's own FSDP path and DeepSpeed's CUDA accelerator run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,38 @@ from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
 
 # Where DeepSpeed caches its JIT-compiled ops (the Makefile points it into the repo).
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def gpu_worker(job: JobSpec) -> bool:
+    """Whether this rank trains on a GPU: the job asks for GPUs and CUDA is there.
+
+    A GPU job on a worker without CUDA (a CPU build of torch, no driver) is an
+    error here: it would otherwise train on the CPU in fp32, silently and slowly.
+    """
+    import torch
+
+    wanted = job.resources.gpus_per_worker
+    if wanted <= 0:
+        return False
+    if wanted < 1:
+        # NCCL refuses two ranks on one device ("Duplicate GPU detected").
+        raise RuntimeError(
+            f"resources.gpus_per_worker = {wanted}: each rank needs a whole GPU of its own (use 1 or more)"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"resources.gpus_per_worker = {wanted} but this worker sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use a CUDA build of "
+            "torch on a GPU node, or resources.gpus_per_worker: 0 to train on CPU"
+        )
+    return True
+
+
+def bf16_capable() -> bool:
+    """Native bf16 (Ampere and newer): torch's default check also counts emulated bf16 (V100, T4)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_precision(job: JobSpec, bf16_capable: bool) -> str:
@@ -152,12 +186,49 @@ def plan_strategy(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -
     return plan
 
 
+def _ray_train_device() -> Any:
+    """This Ray Train worker's device, or None outside Ray (torchrun never imports Ray)."""
+    if "ray.train" not in sys.modules:
+        return None
+    from ray.train.torch import get_device
+
+    return get_device()
+
+
+def select_gpu() -> int:
+    """Make this rank's GPU the current device before accelerate and DeepSpeed pick theirs.
+
+    Under torchrun it is ``cuda:LOCAL_RANK``. Under Ray Train every worker of a
+    node sees all of the node's GPUs (CUDA_VISIBLE_DEVICES) and
+    ``ray.train.torch.get_device()`` names this worker's; accelerate's barrier
+    and DeepSpeed's engine both index the device by LOCAL_RANK, so LOCAL_RANK
+    becomes that index where the two differ (more than one GPU per worker).
+    Ray orders local ranks by lowest GPU id, so local rank 0 stays index 0.
+    """
+    import torch
+
+    device = _ray_train_device()
+    if device is None:  # as accelerate counts: one process per visible GPU, in order
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    else:
+        index = device.index
+    if device is not None:  # Ray already points accelerate at it (ACCELERATE_TORCH_DEVICE)
+        os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return index
+
+
 def prepare_process(plan: StrategyPlan, on_gpu: bool) -> None:
-    """Before the SFTConfig: environment, and the shared state DeepSpeed must reuse."""
+    """Before the SFTConfig: this rank's device, environment, and the shared state DeepSpeed must reuse."""
+    if on_gpu:
+        select_gpu()
     os.environ.update(plan.env)
     if plan.kind == "deepspeed":
         from accelerate import PartialState
 
+        if on_gpu:
+            # An inherited DS_ACCELERATOR=cpu (from a CPU run's environment) would keep tensors off the GPU.
+            os.environ["DS_ACCELERATOR"] = "cuda"
         PartialState(backend="nccl" if on_gpu else "gloo")
 
 

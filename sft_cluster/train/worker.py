@@ -46,6 +46,8 @@ from sft_cluster.train.runstart import (
 )
 from sft_cluster.train.strategy import (
     StrategyPlan,
+    bf16_capable,
+    gpu_worker,
     plan_strategy,
     prepare_process,
     prepare_trainer,
@@ -218,8 +220,8 @@ def _train(
     job: JobSpec, sink: ProgressSink, verify_fast: bool, make_plan: bool, stage: Path, started: float
 ) -> dict[str, Any]:
     rank, _ = collectives.rank_and_world()
-    on_gpu = job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
-    precision = resolve_precision(job, on_gpu and torch.cuda.is_bf16_supported())
+    on_gpu = gpu_worker(job)
+    precision = resolve_precision(job, on_gpu and bf16_capable())
     run = run_dir_of(job)
     if rank == 0 and "tensorboard" in job.tracking:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage / "tensorboard")
