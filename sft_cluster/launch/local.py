@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +19,24 @@ from rich.console import Console
 from sft_cluster.spec import JobSpec, LocalCluster
 from sft_cluster.train.environment import ray_worker_runtime_env
 
+# Ray's rule for macOS and Windows, where it keeps a lone node on loopback: with
+# clusters "disabled", a new node takes 127.0.0.1 as its address and every Ray
+# server binds to the node's address. Ray reads it when it is imported.
+_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK_IPS = ("127.0.0.1", "::1")
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name, for the collective libraries' socket choice."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
+def loopback_worker_env() -> dict[str, str]:
+    """Keep gloo (and NCCL's bootstrap) on loopback: all ranks share this machine."""
+    interface = _loopback_interface()
+    return {name: os.environ.get(name, interface) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+
 
 @contextmanager
 def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | None = None) -> Iterator[None]:
@@ -25,14 +44,18 @@ def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | Non
 
     Own temp dir and ports, so it never joins another cluster on the machine.
     Token auth stays on, with a fresh token kept in this process's
-    environment instead of ``~/.ray/auth_token``.
+    environment instead of ``~/.ray/auth_token``. Everything Ray binds is on
+    127.0.0.1 (see docs/design.md, "Embedded cluster on loopback").
     """
-    # Ray reads its auth settings once, when it is imported: set them first.
+    # Ray reads its auth settings and the loopback rule once, when it is imported: set them first.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ["RAY_AUTH_MODE"] == "token":
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    os.environ[_RAY_LOOPBACK_ENV] = "0"
     import ray
 
+    env_vars = {**loopback_worker_env(), **(runtime_env.get("env_vars") or {})}
+    runtime_env = {**runtime_env, "env_vars": env_vars}
     owned = temp_dir is None
     # Ray's socket paths must stay short: keep the folder directly under /tmp.
     root = temp_dir or tempfile.mkdtemp(prefix="sftc-ray-", dir="/tmp")
@@ -41,11 +64,18 @@ def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | Non
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
+            _node_ip_address="127.0.0.1",
             _temp_dir=root,
             log_to_driver=False,
             logging_level=logging.WARNING,
             runtime_env=runtime_env,
         )
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip not in _LOOPBACK_IPS:  # Ray was imported before the rule was set
+            raise RuntimeError(
+                f"the embedded Ray cluster took {node_ip}, not loopback: "
+                f"import ray only after {_RAY_LOOPBACK_ENV}=0 is set"
+            )
         yield
     finally:
         ray.shutdown()

@@ -1,27 +1,53 @@
 """The smoke job end to end: real embedded Ray, 2 CPU workers, DDP over gloo.
 
-Runs the CLI once (module fixture) and checks the outcome from several sides.
+Runs the CLI once (module fixture) and checks the outcome from several sides,
+including which addresses the run's processes listened on while it ran.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import isolated_environment, run_cli
+from tests.conftest import CLI, REPO, isolated_environment
+from tests.fixtures.sockets import LOOPBACK, ListenerSampler
+
+# torch's TCPStore, the rendezvous store rank 0 hosts at MASTER_ADDR:MASTER_PORT,
+# listens on every interface whatever host it is given (torch has no bind
+# address for it): the one listener allowed off loopback.
+WILDCARD = ("::", "0.0.0.0")
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_watched(tmp_path_factory):
+    """The smoke run, its process tree's sockets sampled while it runs (no second run for that)."""
     tmp = tmp_path_factory.mktemp("smoke")
     home = tmp / "home"
     # The full per-row fingerprints are opt-in (they grow with the run); this test compares them.
     env = {**isolated_environment(home), "SFT_CLUSTER_RECORD_ROWS": "1"}
     out = tmp / "run"
-    result = run_cli(["run", "jobs/smoke.yaml", f"output_uri={out}", "train.max_steps=120"], env)
+    args = [*CLI, "run", "jobs/smoke.yaml", f"output_uri={out}", "train.max_steps=120"]
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with ListenerSampler(proc.pid, interval=2.0) as sockets:
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    return result, out, home, sockets
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_watched):
+    result, out, home, _ = smoke_watched
     return result, out, home
 
 
@@ -118,3 +144,27 @@ def test_final_model_loads_and_generates(smoke_run):
 def test_embedded_ray_left_home_untouched(smoke_run):
     _, _, home = smoke_run
     assert not (Path(home) / ".ray" / "auth_token").exists()
+
+
+def test_embedded_cluster_listens_on_loopback_only(smoke_watched):
+    """Nothing of the private cluster is reachable from the network (issue #12)."""
+    result, out, _, sockets = smoke_watched
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = {x.process for x in sockets.listeners.values()}
+    assert {"gcs_server", "raylet"} <= seen, f"{sockets.samples} samples saw only {seen}"
+    reports = [json.loads(p.read_text()) for p in (out / "workers").glob("rank-*.json")]
+    pids = {r["rank"]: r["pid"] for r in reports}
+    # The store is the wildcard listener of rank 0 that rank 1 reached on loopback (MASTER_ADDR).
+    rank1_peers = {
+        c.remote[1] for c in sockets.connections.values() if c.pid == pids[1] and c.remote[0] in LOOPBACK
+    }
+    exposed = sockets.exposed()
+    store = [
+        x
+        for x in exposed
+        if x.pid == pids[0] and x.kind == "tcp" and x.ip in WILDCARD and x.port in rank1_peers
+    ]
+    unexpected = [str(x) for x in exposed if x not in store[:1]]
+    assert not unexpected, "listening off loopback:\n" + "\n".join(unexpected)
+    off = [str(c) for c in sockets.off_loopback()]
+    assert not off, "connections off loopback:\n" + "\n".join(off)
