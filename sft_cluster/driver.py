@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from sft_cluster import exitcodes, storage
@@ -234,7 +235,7 @@ def run_training(
         start = claim_run(job, resources.num_workers, console.print, nodes=worker_nodes(per_worker))
     except (DataError, RunRefused) as exc:
         # Refused before anything was written: the run directory is as it was.
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return {"name": job.name, "status": "rejected", "error": str(exc), "output_uri": run.uri}
     except RunComplete as exc:
         console.print(str(exc), highlight=False)
@@ -250,7 +251,10 @@ def run_training(
     stop_file = StopFile(run, start.run_id)
     stop_file.clear(only_stale=True)
     use_gpu = resources.gpus_per_worker > 0
-    channel = ProgressChannel.remote()
+    # On the driver's node: a 0-CPU actor may land on any node, and one that is lost would take
+    # the progress display and stop requests with it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    channel = ProgressChannel.options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={

@@ -66,3 +66,26 @@ def max_weight_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+# The uninterrupted run that runs with faults (test_fault_tolerance) and across nodes
+# (test_multinode) must end equal to: the smoke job, 2 workers, 60 steps.
+REFERENCE_STEPS = 60
+REFERENCE_JOB = [
+    "jobs/smoke.yaml",
+    f"train.max_steps={REFERENCE_STEPS}",
+    "checkpoint.every_n_steps=10",
+    "checkpoint.keep_last=3",
+    "train.eval_every_n_steps=20",
+    "tracking=none",
+]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Path:
+    """REFERENCE_JOB run once on the embedded cluster, uninterrupted: its run directory."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = tmp / "run"
+    result = run_cli(["run", *REFERENCE_JOB, f"output_uri={out}"], isolated_environment(tmp / "home"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out

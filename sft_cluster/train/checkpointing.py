@@ -194,22 +194,24 @@ def find_resume_step(
 
 
 def fetch_checkpoint(
-    store: CheckpointStore, step: int, token: str, rank: int, local_rank: int | None
+    store: CheckpointStore, step: int, token: str, rank: int
 ) -> tuple[Path, list[str] | None]:
     """(the folder to resume from, the files this rank fetched): each rank fetches only its
     own files, and the first rank of each node the files every rank reads, into one folder
-    the node's ranks share.
+    the node's ranks share (collective).
 
-    A local run directory is used in place (nothing fetched: None). Without a ``LOCAL_RANK``
-    (nothing says which ranks share a node) each rank fetches the shared files into a folder
-    of its own.
+    A node is what ``staging.node_key`` names (the Ray node, Slurm's node, the host), told
+    apart by gathering every rank's key rather than by ``LOCAL_RANK``: Ray Train counts
+    local ranks per IP address, and nodes behind one address (one machine, a NAT) would
+    share none of their files. A local run directory is used in place (nothing fetched: None).
     """
     in_place = store.local_folder(step)
     if in_place is not None:
         return in_place, None
+    nodes = collectives.gather_objects(staging.node_key())
+    owner = nodes.index(nodes[rank]) == rank  # the first rank of this node
     manifest = store.read_manifest(step)
-    owner = local_rank in (None, 0)
-    folder = staging.node_folder(token if local_rank is not None else f"{token}-r{rank}", owner=owner)
+    folder = staging.node_folder(token, owner=owner)
     files = files_to_fetch(manifest, [rank], shared=owner)
     store.download_files(step, files, folder)
     collectives.barrier()  # the node's shared files are in place

@@ -202,8 +202,7 @@ def _resume_point(
     if found is None:
         return None, None
     step, token = found
-    local_rank = os.environ.get("LOCAL_RANK")
-    folder, fetched = fetch_checkpoint(store, step, token, rank, int(local_rank) if local_rank else None)
+    folder, fetched = fetch_checkpoint(store, step, token, rank)
     if fetched is not None:
         sizes = store.read_manifest(step).files
         size = sum(int(sizes[rel]["size"]) for rel in fetched)

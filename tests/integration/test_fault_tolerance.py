@@ -18,16 +18,8 @@ import psutil
 import pytest
 
 from tests.conftest import CLI, REPO, isolated_environment, max_weight_diff, run_cli, run_torchrun
-
-STEPS = 60
-JOB = [
-    "jobs/smoke.yaml",
-    f"train.max_steps={STEPS}",
-    "checkpoint.every_n_steps=10",
-    "checkpoint.keep_last=3",
-    "train.eval_every_n_steps=20",
-    "tracking=none",
-]
+from tests.conftest import REFERENCE_JOB as JOB
+from tests.conftest import REFERENCE_STEPS as STEPS
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -59,19 +51,10 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return tmp, isolated_environment(tmp / "home")
 
 
-@pytest.fixture(scope="module")
-def baseline(workdir) -> Path:
-    tmp, env = workdir
-    out = tmp / "baseline"
-    result = run_cli(["run", *JOB, f"output_uri={out}"], env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
-
-
-def test_checkpoint_layout_and_retention(baseline):
-    steps = sorted(p.name for p in (baseline / "checkpoints").iterdir())
+def test_checkpoint_layout_and_retention(reference_run):
+    steps = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     assert steps == ["step-00000040", "step-00000050", "step-00000060"]
-    newest = baseline / "checkpoints" / "step-00000060"
+    newest = reference_run / "checkpoints" / "step-00000060"
     manifest = json.loads((newest / "manifest.json").read_text())
     assert (newest / "COMMITTED").read_text().strip() == "60"
     for name in (
@@ -85,7 +68,7 @@ def test_checkpoint_layout_and_retention(baseline):
         assert manifest["files"][name]["size"] == (newest / name).stat().st_size
 
 
-def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, baseline):
+def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, reference_run):
     tmp, env = workdir
     out = tmp / "preempted"
     proc = _start(out, env)
@@ -110,13 +93,13 @@ def test_preemption_signal_checkpoints_exits_75_and_resume_finishes(workdir, bas
     assert summary["status"] == "completed" and summary["resumed_from"] == [stopped_at]
     assert summary["launcher"] == "torchrun"
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
-    assert max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, reference_run) <= 1e-6
 
 
-def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):
+def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, reference_run):
     tmp, env = workdir
     out = tmp / "corrupt"
-    shutil.copytree(baseline, out)
+    shutil.copytree(reference_run, out)
     (out / "final").rename(out / "final-before")
     with (out / "checkpoints" / "step-00000060" / "optimizer.pt").open("r+b") as handle:
         handle.truncate(100)
@@ -128,7 +111,7 @@ def test_resume_skips_corrupt_and_uncommitted_checkpoints(workdir, baseline):
     assert "step-00000050" in log and "no COMMITTED marker" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == [40]
-    assert max_weight_diff(out, baseline) <= 1e-6
+    assert max_weight_diff(out, reference_run) <= 1e-6
 
 
 def _records(run: Path, name: str) -> list[dict]:
@@ -157,7 +140,7 @@ def _until(condition, proc: subprocess.Popen, what: str, timeout: float = 300, p
     return found
 
 
-def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, baseline):
+def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, reference_run):
     """One run, five seeded faults at five different points; the result is the uninterrupted one."""
     rng = random.Random(20261201)
     tmp, env = workdir
@@ -231,11 +214,11 @@ def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, baseline)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
 
     assert len({(f["kind"], f["where"]) for f in faults}) == 5
-    base, ours = _losses(baseline), _losses(out)
+    base, ours = _losses(reference_run), _losses(out)
     records = _records(out, "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # every step logged once
     assert all(ours[s] == base[s] for s in base), [(s, ours[s], base[s]) for s in base if ours[s] != base[s]]
-    assert max_weight_diff(out, baseline) == 0.0  # bitwise
+    assert max_weight_diff(out, reference_run) == 0.0  # bitwise
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["first_loss"] == base[1]
     _, alive = psutil.wait_procs(seen, timeout=60)

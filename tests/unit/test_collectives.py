@@ -79,7 +79,7 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     out["committed"] = callback.committed
     choice = find_resume_step(store, rank)
     store.local_folder = lambda step: None  # fetch as from object storage
-    folder, fetched = fetch_checkpoint(store, choice[0], choice[1], rank, local_rank=rank)
+    folder, fetched = fetch_checkpoint(store, choice[0], choice[1], rank)
     out["resume_step"], out["fetched"] = choice[0], sorted(fetched)
     out["fetched_exist"] = all((folder / rel).exists() for rel in fetched)
 

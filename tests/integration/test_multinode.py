@@ -1,0 +1,123 @@
+"""Runs on a real multi-node Ray cluster: Ray's own ``ray.cluster_utils.Cluster`` on this machine
+(a 0-CPU head and 1-CPU worker nodes, all on 127.0.0.1, so the 2 workers land one per node),
+the run's output on SeaweedFS. The driver is the Ray Jobs entrypoint, ``python -m
+sft_cluster.driver``, connected to the cluster's GCS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sft_cluster.launch.local import anchor_local_paths
+from sft_cluster.spec import dump_job_yaml, load_job
+from tests.conftest import REFERENCE_JOB, REPO
+from tests.fixtures.ray_cluster import MultiNodeCluster, start_ray_cluster
+from tests.fixtures.s3 import S3Server, s3_server  # noqa: F401 - fixture
+
+# The replacement node must join before Ray Train gives up starting the new worker group.
+START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server: S3Server) -> Iterator[MultiNodeCluster]:  # noqa: F811
+    """The S3 credentials reach the workers through the nodes' environment, as on a real cluster."""
+    started = start_ray_cluster(extra_env={**s3_server.env(), **START_TIMEOUT})
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _start_driver(cluster: MultiNodeCluster, tmp: Path, *overrides: str) -> subprocess.Popen:
+    job = anchor_local_paths(load_job(REPO / REFERENCE_JOB[0], [*REFERENCE_JOB[1:], *overrides]))
+    path = tmp / "job.yaml"
+    path.write_text(dump_job_yaml(job))
+    return subprocess.Popen(
+        [sys.executable, "-m", "sft_cluster.driver", str(path)],
+        cwd=REPO,
+        env={**cluster.env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_local_output_uri_on_several_nodes_is_refused_before_training(cluster, tmp_path):
+    out = tmp_path / "local-run"
+    driver = _start_driver(cluster, tmp_path, f"output_uri={out}")
+    output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 2, output[-3000:]
+    assert f"output_uri = '{out}' is a local path, and 2 nodes can run this job's workers" in output
+    assert "storage.shared_filesystem: true" in output and "s3://BUCKET/runs/smoke" in output
+    assert not out.exists()
+
+
+def _get(s3: S3Server, bucket: str, key: str, into: Path | None = None) -> bytes:
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    if into is not None:
+        into.write_bytes(body)
+    return body
+
+
+def test_a_run_spans_two_nodes_survives_losing_one_and_ends_with_the_uninterrupted_weights(
+    cluster,
+    s3_server,  # noqa: F811
+    reference_run,
+    tmp_path,
+):
+    bucket, prefix = s3_server.make_bucket(), "runs/multinode"
+    driver = _start_driver(
+        cluster, tmp_path, f"output_uri=s3://{bucket}/{prefix}", f"storage.endpoint_url={s3_server.endpoint}"
+    )
+    first_commit = f"{prefix}/checkpoints/step-00000010/COMMITTED"
+    deadline = time.monotonic() + 400
+    while first_commit not in s3_server.keys(bucket, f"{prefix}/checkpoints/step-00000010/"):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no commit of step 10"
+        time.sleep(0.5)
+    survivor, lost = cluster.workers
+    cluster.kill_node(lost)  # a node loss: its raylet and its worker, SIGKILLed
+    replacement = cluster.add_worker_node()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-5000:]
+
+    summary = json.loads(_get(s3_server, bucket, f"{prefix}/summary.json"))
+    assert summary["status"] == "completed" and summary["steps"] == 60, summary
+    assert summary["restarts"] >= 1, summary
+    # The attempt that finished ran one rank on the surviving node and one on the replacement.
+    reports = [json.loads(_get(s3_server, bucket, f"{prefix}/workers/rank-{r:05d}.json")) for r in (0, 1)]
+    assert {r["world_size"] for r in reports} == {2}
+    assert {r["ray_node_id"] for r in reports} == {survivor.node_id, replacement.node_id}, reports
+    # Each rank restored its own files from the bucket (no node had them locally).
+    for rank in (0, 1):
+        assert f"rank {rank} fetched" in output, output[-5000:]
+    # Each rank uploaded its own share: every rank's RNG state is in the last commit.
+    manifest = json.loads(_get(s3_server, bucket, f"{prefix}/checkpoints/step-00000060/manifest.json"))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {Path(name).name for name in manifest["files"]}
+    # Ray Train's own storage is the run's bucket, which every node reaches.
+    assert any(key.startswith(f"{prefix}/ray-train/") for key in s3_server.keys(bucket, prefix))
+
+    final = tmp_path / "model.safetensors"
+    _get(s3_server, bucket, f"{prefix}/final/model.safetensors", into=final)
+    weights, reference = load_file(final), load_file(reference_run / "final" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert max((weights[k] - reference[k]).abs().max().item() for k in weights) <= 1e-6
+    # Every step's loss, the replayed ones included, as in the uninterrupted run.
+    losses = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, _get(s3_server, bucket, f"{prefix}/metrics.jsonl").splitlines())
+    }
+    reference_losses = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (reference_run / "metrics.jsonl").read_text().splitlines())
+    }
+    assert losses.keys() == reference_losses.keys() == set(range(1, 61))
+    assert max(abs(losses[s] - reference_losses[s]) for s in losses) <= 1e-6
