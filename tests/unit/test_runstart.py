@@ -62,3 +62,16 @@ def test_a_local_output_uri_is_refused_when_several_nodes_can_run_workers(tmp_pa
     claim_run(_job(out, "storage.shared_filesystem=true"), 2, print, nodes=2)  # NFS, Lustre: allowed
     claim_run(_job(tmp_path / "one-node"), 2, print, nodes=1)
     assert (out / "run.json").exists() and (tmp_path / "one-node" / "run.json").exists()
+
+
+def test_torchrun_on_several_nodes_refuses_a_local_output_uri(tmp_path, monkeypatch):
+    """Rank 0's claim under torchrun counts nodes by GROUP_WORLD_SIZE (one agent per node)."""
+    from types import SimpleNamespace
+
+    from sft_cluster.train.worker import _claimed_plan
+
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    sink = SimpleNamespace(emit=lambda event: None)
+    with pytest.raises(RunRefused, match="2 nodes can run this job's workers"):
+        _claimed_plan(_job(tmp_path / "run"), 0, 1, True, sink)
+    assert not (tmp_path / "run").exists()
