@@ -108,7 +108,8 @@ def test_all_strategies_give_ddps_losses_and_weights(runs):
         assert _max_diff(_final_state(outs[name]), reference_weights) <= 1e-5, name
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp2"])
+# ZeRO-2 saves as ZeRO-3 does (per-rank optimizer shards); it is opt-in to keep CI short.
+@pytest.mark.parametrize("name", [pytest.param("zero2", marks=pytest.mark.slow), "zero3", "fsdp2"])
 def test_sharded_checkpoint_resumes_exactly_under_torchrun(runs, name, tmp_path):
     outs, env = runs
     out = tmp_path / name
