@@ -11,18 +11,23 @@ bf16 FLOP/s, with FLOPs per token = 6 x non-embedding
 parameters + 12 x layers x heads x head_dim x sequence length (the formula
 torchtitan reports its MFU with). Steady state: steps after --warmup.
 The machine needs torch, transformers, accelerate, peft, trl, datasets (and
-deepspeed for zero2/zero3); it does not need Ray.
+deepspeed for zero2/zero3); it does not need Ray. Each run is stopped once its
+steps are logged and its files are removed: a 1B run's final checkpoint
+(~15 GB with the optimizer) would cost minutes and fill the disk by the third.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,26 @@ def peak_flops(cpu: bool) -> float | None:
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun's workers run in sessions of their own)."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=30)
+    proc.wait()  # reaped here, not by psutil: Popen keeps the exit code
+
+
+def _logged_steps(metrics: Path) -> list[dict[str, Any]]:
+    if not metrics.exists():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+
+
 def run_strategy(name: str, args: argparse.Namespace, model: Path, data: Path, root: Path) -> dict[str, Any]:
     out = root / name
     job = {
@@ -133,10 +158,21 @@ def run_strategy(name: str, args: argparse.Namespace, model: Path, data: Path, r
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
     cmd += ["-m", "sft_cluster.train", str(job_file)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"strategy": name, "error": done.stderr[-2000:]}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = root / f"{name}.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + args.timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(_logged_steps(out / "metrics.jsonl")) >= args.steps:
+            break  # the figures are in; the final checkpoint and model are not measured
+        time.sleep(0.5)
+    ended = proc.poll()
+    stop_tree(proc)
+    records = _logged_steps(out / "metrics.jsonl")
+    shutil.rmtree(out, ignore_errors=True)
+    if len(records) < args.steps:
+        why = f"timed out after {args.timeout:.0f} s" if ended is None else f"exit {ended}"
+        return {"strategy": name, "error": f"{why}, {len(records)} steps logged\n" + log.read_text()[-2000:]}
     start, end = records[args.warmup - 1], records[-1]
     # The Trainer counts the tokens of every rank's packed rows (no padding is added).
     per_device = (end["tokens"] - start["tokens"]) / args.nproc / (end["time"] - start["time"])
@@ -157,6 +193,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (fp32, gloo)")
     parser.add_argument("--tiny", action="store_true", help="the shipped tiny model instead of 1B")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per strategy")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.nproc is None:
