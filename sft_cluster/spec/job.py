@@ -192,6 +192,16 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, value: float) -> float:
+        """NCCL refuses two ranks on one device ("Duplicate GPU detected"): no shared GPUs."""
+        if value != int(value):
+            raise ValueError(
+                f"each worker needs whole GPUs of its own (0 for CPU, else 1, 2, ...), not {value}"
+            )
+        return value
+
 
 class JobSpec(Strict):
     name: str

@@ -37,11 +37,6 @@ def gpu_worker(job: JobSpec) -> bool:
     wanted = job.resources.gpus_per_worker
     if wanted <= 0:
         return False
-    if wanted < 1:
-        # NCCL refuses two ranks on one device ("Duplicate GPU detected").
-        raise RuntimeError(
-            f"resources.gpus_per_worker = {wanted}: each rank needs a whole GPU of its own (use 1 or more)"
-        )
     if not torch.cuda.is_available():
         raise RuntimeError(
             f"resources.gpus_per_worker = {wanted} but this worker sees no CUDA device "

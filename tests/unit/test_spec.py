@@ -599,3 +599,11 @@ def test_gpus_asked_but_not_allocated_warns(in_tmp: Path) -> None:
         "resources.gpus_per_worker = 1.0 but the Slurm cluster has gpus_per_node = 0: the "
         "workers would wait for GPUs that are never allocated"
     ]
+
+
+def test_a_shared_gpu_is_refused_when_the_job_is_read(in_tmp: Path) -> None:
+    """NCCL cannot put two ranks on one GPU: the job file says so before anything starts."""
+    errors = job_errors(MINIMAL, ("resources.gpus_per_worker=0.5",))
+    assert len(errors) == 1 and "resources.gpus_per_worker" in errors[0], errors
+    assert "each worker needs whole GPUs of its own (0 for CPU, else 1, 2, ...), not 0.5" in errors[0]
+    assert load_job(write(MINIMAL), ["resources.gpus_per_worker=2"]).resources.gpus_per_worker == 2
