@@ -20,7 +20,9 @@ from rich.progress import (
 class ProgressDisplay:
     """Renders worker events (``start``, ``first_step``, ``step``) for a person watching."""
 
-    def __init__(self, console: Console, max_steps: int, log_every_seconds: float = 10.0):
+    def __init__(self, console: Console, max_steps: int | None, log_every_seconds: float = 10.0):
+        """``max_steps`` None: not known yet (``train.epochs`` is counted by the workers); every step
+        event carries the run's step count, and the display takes it from there."""
         self.console = console
         self.max_steps = max_steps
         self.log_every_seconds = log_every_seconds
@@ -34,7 +36,7 @@ class ProgressDisplay:
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[epoch]}loss {task.fields[loss]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
@@ -43,7 +45,7 @@ class ProgressDisplay:
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.max_steps, loss="-", tps="-")
+            self._task = self._progress.add_task("train", total=self.max_steps, loss="-", tps="-", epoch="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,12 +77,16 @@ class ProgressDisplay:
     def _step(self, event: dict[str, Any]) -> None:
         if event.get("eval_loss") is not None:
             self._say(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
+        self.max_steps = event.get("max_steps") or self.max_steps
         loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
         tps = f"{event['tokens_per_second']:,.0f}" if event.get("tokens_per_second") else "-"
+        epoch = f"epoch {event['epoch']:.2f}  " if event.get("epoch") is not None else ""
         if self._progress is not None:
-            self._progress.update(self._task, completed=event["step"], loss=loss, tps=tps)
+            self._progress.update(
+                self._task, total=self.max_steps, completed=event["step"], loss=loss, tps=tps, epoch=epoch
+            )
             return
         now = time.monotonic()
         if now - self._last_line >= self.log_every_seconds or event["step"] == self.max_steps:
             self._last_line = now
-            self._say(f"step {event['step']}/{self.max_steps}  loss {loss}  {tps} tok/s")
+            self._say(f"step {event['step']}/{self.max_steps}  {epoch}loss {loss}  {tps} tok/s")

@@ -33,6 +33,7 @@ from sft_cluster.spec import JobSpec, load_job
 from sft_cluster.tracking import RunDir, finalize_run, run_dir_of
 from sft_cluster.train.environment import ray_worker_runtime_env
 from sft_cluster.train.runstart import RunComplete, RunRefused, claim_run
+from sft_cluster.train.steps import planned_steps
 
 # Worker processes keep the driver's working directory (relative paths in the job file).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -276,7 +277,8 @@ def run_training(
     )
     status, error = "failed", None
     stop = threading.Event()
-    with ProgressDisplay(console, job.train.max_steps) as display, _stop_requests_to(channel, job):
+    # train.epochs: the workers count the steps; the display takes them from their step events.
+    with ProgressDisplay(console, planned_steps(job)) as display, _stop_requests_to(channel, job):
         follower = threading.Thread(target=_follow, args=(channel, display, stop, stop_file), daemon=True)
         follower.start()
         try:

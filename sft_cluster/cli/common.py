@@ -78,12 +78,15 @@ def check_data(job_path: Path, job: JobSpec) -> None:
 
 
 def check_start_or_exit(job: JobSpec) -> None:
-    """Refuse, before any cluster starts, a start that would mix with or repeat another run."""
-    from sft_cluster.train.runstart import RunComplete, RunRefused, check_start
+    """Refuse, before any cluster starts, a start that would mix with or repeat another run,
+    or that would train nothing (a chat template without an assistant mask, untrained sources)."""
+    from sft_cluster.data import DataError
+    from sft_cluster.train.runstart import RunComplete, RunRefused, check_start, check_trainable
 
     try:
         check_start(job)
-    except RunRefused as exc:
+        check_trainable(job)
+    except (RunRefused, DataError) as exc:
         fail([str(exc)])
     except RunComplete as exc:
         console.print(str(exc), highlight=False, soft_wrap=True)

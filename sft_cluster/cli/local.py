@@ -130,6 +130,8 @@ def _print_summary(summary: dict) -> None:
         return "-" if value is None else format(value, spec)
 
     table.add_row("steps", fmt(summary["steps"]))
+    if summary.get("epochs") is not None:  # train.epochs
+        table.add_row("epochs", f"{summary['epochs']:g}")
     table.add_row("workers", f"{fmt(summary['world_size'])} on {', '.join(summary['nodes']) or '-'}")
     table.add_row("loss", f"{fmt(summary['first_loss'], '.4f')} -> {fmt(summary['final_loss'], '.4f')}")
     table.add_row("tokens/s", fmt(summary["tokens_per_second"], ",.0f"))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.packing import make_row, pack
 from sft_cluster.data.plan import ShardPlan
 from sft_cluster.data.stream import RankStream, collate_rows, pad_id_of, row_tensors
@@ -48,7 +49,7 @@ def eval_batches(
     rank: int,
     data: DataSpec,
     store: StorageSpec,
-    tokenizer: Any,
+    encoder: ChatEncoder,
     micro_batch_size: int,
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's eval batches, packed like training rows; at least one (padding, when it has none).
@@ -57,12 +58,12 @@ def eval_batches(
     with ``data.eval_fraction`` (this rank's share, read once, eval records kept).
     """
     if data.eval:
-        stream = RankStream(plan, rank, eval_data(data), store, tokenizer)
+        stream = RankStream(plan, rank, eval_data(data), store, encoder)
     else:
         fraction = data.eval_fraction
-        stream = RankStream(plan, rank, data, store, tokenizer, keep=lambda raw: in_eval_split(raw, fraction))
+        stream = RankStream(plan, rank, data, store, encoder, keep=lambda raw: in_eval_split(raw, fraction))
     samples = [(s.input_ids, s.assistant_mask) for s in stream.one_pass()]
-    pad = pad_id_of(tokenizer)
+    pad = pad_id_of(encoder.tokenizer)
     rows = pack(samples, data.max_seq_len, pad, data.packing) or [make_row([], data.max_seq_len, pad)]
     tensors = [row_tensors(row) for row in rows]
     return [collate_rows(tensors[i : i + micro_batch_size]) for i in range(0, len(tensors), micro_batch_size)]

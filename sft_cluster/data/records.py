@@ -4,7 +4,8 @@ Formats: JSONL, JSON arrays and Parquet, each optionally compressed (``.gz``,
 ``.zst``, ``.bz2``, ``.xz``); the format comes from ``format`` or the suffix.
 Record shapes, detected per record after ``columns`` renames:
 
-- OpenAI ``messages`` (with an optional top-level ``system``)
+- OpenAI ``messages`` (with an optional top-level ``system`` and ``tools``); messages may be
+  ``tool`` replies and carry ``tool_calls``, ``reasoning_content``, ``name``, ``tool_call_id``
 - ShareGPT ``conversations`` of ``{from, value}``
 - Alpaca ``instruction`` / ``input`` / ``output``
 - ``prompt`` / ``completion``
@@ -28,7 +29,7 @@ from sft_cluster import storage
 from sft_cluster.spec import DataSpec, SourceSpec, StorageSpec, resolve_builtin
 
 log = logging.getLogger("sft_cluster.data")
-_ROLES = {"system", "user", "assistant"}
+_ROLES = {"system", "user", "assistant", "tool"}
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -36,6 +37,7 @@ _SHAREGPT_ROLES = {
     "assistant": "assistant",
     "model": "assistant",
     "system": "system",
+    "tool": "tool",
 }
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -154,17 +156,47 @@ def format_of(uri: str, declared: str | None) -> tuple[str, str | None]:
     raise DataError(f"{uri}: cannot tell the format from the name; set format: jsonl | json | parquet")
 
 
-def _turns(raw: Any) -> list[dict[str, str]]:
+class Conversation(list):
+    """Chat messages (a list, so it compares equal to one) and the record's ``tools`` schemas, if any."""
+
+    tools: list[dict[str, Any]] | None = None
+
+
+# Message keys passed on to the chat template besides role and content.
+_MESSAGE_KEYS = ("tool_calls", "reasoning_content", "thinking", "name", "tool_call_id")
+
+
+def _message(turn: Any) -> dict[str, Any]:
+    if not isinstance(turn, dict) or turn.get("role") not in _ROLES:
+        raise _Problem(f"each message needs a role in {sorted(_ROLES)}")
+    message = {"role": turn["role"], "content": turn.get("content")}
+    for key in _MESSAGE_KEYS:
+        if turn.get(key) is not None:
+            message[key] = turn[key]
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if (
+            turn["role"] != "assistant"
+            or not isinstance(calls, list)
+            or not all(isinstance(c, dict) for c in calls)
+        ):
+            raise _Problem("'tool_calls' must be a list of objects on an assistant message")
+        for call in calls:  # OpenAI gives arguments as a JSON string; templates expect an object
+            function = call.get("function")
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError:
+                    raise _Problem("a tool call's 'arguments' string is not JSON") from None
+    if not isinstance(message["content"], str) and not (message["content"] is None and calls):
+        raise _Problem("each message needs a string 'content' (null only beside 'tool_calls')")
+    return message
+
+
+def _turns(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise _Problem("'messages' must be a non-empty list")
-    turns = []
-    for turn in raw:
-        if not isinstance(turn, dict) or turn.get("role") not in _ROLES:
-            raise _Problem(f"each message needs a role in {sorted(_ROLES)}")
-        if not isinstance(turn.get("content"), str):
-            raise _Problem("each message needs a string 'content'")
-        turns.append({"role": turn["role"], "content": turn["content"]})
-    return turns
+    return [_message(turn) for turn in raw]
 
 
 def _sharegpt(raw: Any) -> list[dict[str, str]]:
@@ -181,7 +213,7 @@ def _sharegpt(raw: Any) -> list[dict[str, str]]:
     return turns
 
 
-def _shape(record: Any, columns: dict[str, str]) -> list[dict[str, str]]:
+def _shape(record: Any, columns: dict[str, str]) -> Conversation:
     if not isinstance(record, dict):
         raise _Problem(f"expected an object, got {type(record).__name__}")
     record = {columns.get(key, key): value for key, value in record.items()}
@@ -212,15 +244,26 @@ def _shape(record: Any, columns: dict[str, str]) -> list[dict[str, str]]:
         turns.insert(0, {"role": "system", "content": str(record["system"])})
     if not any(turn["role"] == "assistant" for turn in turns):
         raise _Problem("conversation has no assistant turn to train on")
-    return turns
+    conversation = Conversation(turns)
+    tools = record.get("tools")
+    if tools is not None:
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError:
+                raise _Problem("'tools' is a string but not JSON") from None
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise _Problem("'tools' must be a list of function schemas (objects)")
+        conversation.tools = tools
+    return conversation
 
 
-def normalise(record: Any, columns: dict[str, str], where: str) -> list[dict[str, str]]:
+def normalise(record: Any, columns: dict[str, str], where: str) -> Conversation:
     """Any supported record shape as a list of chat messages."""
     return to_conversation(record, columns, lambda: where)
 
 
-def to_conversation(payload: Any, columns: dict[str, str], locate: Callable[[], str]) -> list[dict[str, str]]:
+def to_conversation(payload: Any, columns: dict[str, str], locate: Callable[[], str]) -> Conversation:
     """A raw record from ``iter_raw`` (JSONL line, parsed record or DataError) as chat messages.
 
     ``locate`` is called only for a bad record: naming a line of a byte range
@@ -308,7 +351,7 @@ class BadRecords:
             ) from None
 
 
-def load_conversations(data: DataSpec, store: StorageSpec) -> list[list[dict[str, str]]]:
+def load_conversations(data: DataSpec, store: StorageSpec) -> list[Conversation]:
     """Every conversation of every source, in listing order.
 
     A bad record stops the run (``on_bad_record: error``) or is skipped, counted

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 from fsspec import AbstractFileSystem
+from jinja2 import TemplateError
 
 from sft_cluster import storage
-from sft_cluster.data.inspect import tokenize
+from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.packing import Row, pack
 from sft_cluster.data.plan import ShardPlan, Unit, derive_seed
 from sft_cluster.data.records import (
@@ -122,7 +123,8 @@ class Counters:
     samples: int = 0
     tokens: int = 0
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # over max_seq_len with truncation: drop
+    untrained: int = 0  # no trained token left (after truncation): dropped, never trained silently
     bad: int = 0
 
 
@@ -143,7 +145,7 @@ class RankStream:
         rank: int,
         data: DataSpec,
         store: StorageSpec,
-        tokenizer: Any,
+        encoder: ChatEncoder,
         max_seq_len: int | None = None,
         state: dict[str, Any] | None = None,
         keep: Callable[[Any], bool] | None = None,
@@ -154,7 +156,7 @@ class RankStream:
         planned, named = [source.uri for source in plan.sources], [source.uri for source in data.sources]
         if planned != named:
             raise DataError(f"the data plan is for sources {planned}, the job names {named}")
-        self.plan, self.rank, self.data, self.tokenizer = plan, rank, data, tokenizer
+        self.plan, self.rank, self.data, self.encoder = plan, rank, data, encoder
         self.keep = keep
         self.max_seq_len = max_seq_len or data.max_seq_len
         state = state or {}
@@ -211,15 +213,21 @@ class RankStream:
             counters.bad += 1
             self.bad.skip(exc)
             return None
-        ids, mask = tokenize(self.tokenizer, conversation)
-        if not self.data.assistant_only_loss:
-            mask = [1] * len(ids)
+        try:
+            ids, mask = self.encoder.encode(conversation, conversation.tools)
+        except (TemplateError, DataError, TypeError, ValueError) as exc:
+            counters.bad += 1
+            self.bad.skip(DataError(f"{locate()}: the chat template cannot render this record: {exc}"))
+            return None
         if len(ids) > self.max_seq_len:
             if self.data.truncation == "drop":
                 counters.dropped += 1
                 return None
             ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
             counters.truncated += 1
+        if not any(mask[1:]):  # the first token of a packed sequence is never a label
+            counters.untrained += 1
+            return None
         counters.samples += 1
         counters.tokens += len(ids)
         return Sample(ids, mask, source, epoch)
@@ -250,7 +258,8 @@ class RankStream:
                         f"data.sources[{source}] ({self.plan.sources[source].uri}) gave rank {self.rank} "
                         f"no sample in a whole pass over its {len(order)} unit(s) "
                         f"(so far {self.counters[source]}): "
-                        "every record was bad or over max_seq_len, or there are fewer records than ranks"
+                        "every record was bad, over max_seq_len or without a trained token, or there are "
+                        "fewer records than ranks"
                     )
                 position.epoch, position.unit, position.record, position.epoch_samples = (
                     position.epoch + 1,
@@ -322,7 +331,7 @@ class PackedRowStream:
         rank: int,
         data: DataSpec,
         store: StorageSpec,
-        tokenizer: Any,
+        encoder: ChatEncoder,
         state: dict[str, Any] | None = None,
         window_rows: int = 128,
         keep: Callable[[Any], bool] | None = None,
@@ -333,9 +342,9 @@ class PackedRowStream:
                 f"{plan.id} rank {rank}: resume with the run's saved data plan and world size"
             )
         self.plan, self.rank, self.data = plan, rank, data
-        self.window_rows, self.pad_id = window_rows, pad_id_of(tokenizer)
+        self.window_rows, self.pad_id = window_rows, pad_id_of(encoder.tokenizer)
         self.samples = RankStream(
-            plan, rank, data, store, tokenizer, state=state and state["window"], keep=keep
+            plan, rank, data, store, encoder, state=state and state["window"], keep=keep
         )
         self.rows_out = state["rows"] if state else 0  # rows handed out, counted from the start of training
         self._skip = state["skip"] if state else 0  # rows of the first window already trained on
@@ -430,12 +439,12 @@ class PackedDataset(torch.utils.data.IterableDataset):
         rank: int,
         data: DataSpec,
         store: StorageSpec,
-        tokenizer: Any,
+        encoder: ChatEncoder,
         state: dict[str, Any] | None = None,
         window_rows: int = 128,
         keep: Callable[[Any], bool] | None = None,
     ):
-        self._make = partial(PackedRowStream, plan, rank, data, store, tokenizer, state, window_rows, keep)
+        self._make = partial(PackedRowStream, plan, rank, data, store, encoder, state, window_rows, keep)
         self.rows = self._make()
         self._started = False
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sft_cluster.spec.cluster import ClusterSpec, RayCluster, SlurmCluster
 from sft_cluster.spec.job import JobSpec
+from sft_cluster.spec.templates import template_problem
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 _BUILTIN = "builtin:"
@@ -79,6 +80,8 @@ def check_local_paths(job: JobSpec) -> list[str]:
         )
         if value is not None
     ]
+    if job.model.chat_template is not None:
+        problems.append(template_problem(job.model.chat_template))
     problems += [
         _source_problem(f"data.{field}[{index}].uri", source.uri)
         for field, sources in (("sources", job.data.sources), ("eval", job.data.eval))

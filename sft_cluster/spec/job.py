@@ -68,6 +68,9 @@ class ModelSpec(Strict):
     name_or_path: str
     from_config: bool = False
     tokenizer: str | None = None
+    # A built-in template name (chatml, or one TRL ships: qwen2_5, llama3, ...) or a .jinja file,
+    # used instead of the tokenizer's own (or where it has none: a base model).
+    chat_template: str | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
 
@@ -100,7 +103,10 @@ class DataSpec(Strict):
 
 
 class TrainSpec(Strict):
-    max_steps: int = Field(gt=0)
+    # How long to train, exactly one of: optimizer steps, or passes over the data (counted in packed
+    # rows before training; see sft_cluster/train/steps.py).
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(4, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     learning_rate: float = Field(2e-5, gt=0)
@@ -111,6 +117,20 @@ class TrainSpec(Strict):
     seed: int = Field(42, ge=0)
     logging_steps: int = Field(1, gt=0)
     eval_every_n_steps: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise rule_error(
+                f"train.max_steps = {self.max_steps} and train.epochs = {self.epochs:g} are both set "
+                "(train for one of them: remove the other, e.g. with the override train.max_steps=null)"
+            )
+        if self.max_steps is None and self.epochs is None:
+            raise rule_error(
+                "train.max_steps or train.epochs is required (how long to train: optimizer steps, "
+                "e.g. train.max_steps: 1000, or passes over the data, e.g. train.epochs: 1)"
+            )
+        return self
 
 
 class FSDPSpec(Strict):

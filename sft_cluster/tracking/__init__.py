@@ -4,6 +4,8 @@ Layout under ``output_uri``::
 
     job.yaml         the resolved job, overrides applied
     run.json         the run that owns the directory, and what its data cursors depend on
+    plan.json        the data plan every restart and resume reads
+    epochs.json      train.epochs: the rows of one epoch per rank, counted once for the plan
     control/stop     a stop request (``sft-cluster stop``) the driver polls
     metrics.jsonl    one JSON object per logged step
     events.jsonl     what happened to the run: resumes (with the step), preemptions

@@ -47,6 +47,11 @@ class RunDir:
         return storage.join(self.uri, "plan.json")
 
     @property
+    def epoch_count(self) -> str:
+        """``train.epochs``: the rows each rank packs one epoch into, counted once per plan."""
+        return storage.join(self.uri, "epochs.json")
+
+    @property
     def strategy(self) -> str:
         """The generated accelerate/DeepSpeed settings, for the record."""
         return storage.join(self.uri, "strategy.json")

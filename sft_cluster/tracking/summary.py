@@ -51,6 +51,8 @@ def finalize_run(
         "final_model": run.final if status == "completed" else None,
         **(extra or {}),
     }
+    if records and records[-1].get("epoch") is not None:  # train.epochs: how far it got, in epochs
+        summary["epochs"] = records[-1]["epoch"]
     if error:
         summary["error"] = error
     run.write_json(run.summary, summary)

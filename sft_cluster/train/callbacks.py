@@ -25,12 +25,15 @@ class ProgressCallback(TrainerCallback):
         sink: ProgressSink,
         max_steps: int,
         eval_loss: Callable[[], tuple[int, float] | None] = lambda: None,
+        epoch_of: Callable[[int], float | None] = lambda step: None,
     ):
-        """``eval_loss()`` is the latest (step, eval loss), added to that step's record."""
+        """``eval_loss()`` is the latest (step, eval loss), added to that step's record;
+        ``epoch_of(step)`` the fractional epoch (``train.epochs`` jobs), added to every record."""
         self.metrics = metrics
         self.eval_loss = eval_loss
         self.sink = sink
         self.max_steps = max_steps
+        self.epoch_of = epoch_of
         self.first_step_time: float | None = None
         self._last: tuple[float, float] | None = None  # (time, tokens) at the previous log
 
@@ -58,6 +61,9 @@ class ProgressCallback(TrainerCallback):
             "tokens_per_second": tokens_per_second,
             "time": now,
         }
+        epoch = self.epoch_of(state.global_step)
+        if epoch is not None:
+            record["epoch"] = round(epoch, 4)
         latest = self.eval_loss()
         if latest is not None and latest[0] == state.global_step:
             record["eval_loss"] = latest[1]

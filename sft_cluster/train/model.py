@@ -12,7 +12,9 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import is_flash_attn_2_available
 
+from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
+from sft_cluster.spec.templates import read_template
 
 log = logging.getLogger("sft_cluster.train")
 
@@ -21,13 +23,36 @@ def _resolve(name: str) -> str:
     return resolve_builtin(name) if name.startswith("builtin:") else name
 
 
+# The special tokens a built-in template needs in the vocabulary (added when the tokenizer lacks them).
+_TEMPLATE_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"]}
+
+
 def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with ``model.chat_template`` (and the special tokens it needs) if set.
+
+    ``tokenizer.added_by_template`` lists the tokens added, so the embeddings can grow to match.
+    """
     tokenizer = AutoTokenizer.from_pretrained(
         _resolve(model.tokenizer or model.name_or_path), trust_remote_code=model.trust_remote_code
     )
+    added: list[str] = []
+    if model.chat_template:
+        tokenizer.chat_template = read_template(model.chat_template)
+        vocab = tokenizer.get_vocab()
+        added = [t for t in _TEMPLATE_TOKENS.get(model.chat_template, []) if t not in vocab]
+        if added:
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": added}, replace_extra_special_tokens=False
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.added_by_template = added
     return tokenizer
+
+
+def load_chat(job: JobSpec) -> ChatEncoder:
+    """How this job turns conversations into tokens and trained masks (raises TemplateRefused)."""
+    return ChatEncoder(load_tokenizer(job.model), job.model.name_or_path, job.data.assistant_only_loss)
 
 
 @contextmanager
@@ -68,10 +93,12 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
+def build_model(model: ModelSpec, seed: int, vocab_size: int | None = None) -> transformers.PreTrainedModel:
     """Load weights, or initialise them from the config with ``seed`` (same on every rank).
 
     Weights are fp32 (the master copy); mixed precision autocasts the compute.
+    ``vocab_size`` (the tokenizer's length) larger than the embeddings grows
+    them (to a multiple of 64), with ``seed``: tokens a template added.
     """
     dtype = torch.float32
     path = _resolve(model.name_or_path)
@@ -90,7 +117,27 @@ def build_model(model: ModelSpec, seed: int) -> transformers.PreTrainedModel:
     # Packed rows carry position ids; without a KV cache transformers keeps
     # attention inside each packed sequence.
     built.config.use_cache = False
+    if vocab_size is not None and vocab_size > built.get_input_embeddings().weight.shape[0]:
+        transformers.set_seed(seed)
+        built.resize_token_embeddings(vocab_size, pad_to_multiple_of=64)
     return built
+
+
+def generation_config_for(model: transformers.PreTrainedModel, encoder: ChatEncoder):
+    """The model's generation config with EOS ending an assistant turn, so ``generate`` stops there."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    tokenizer = encoder.tokenizer
+    wanted = [
+        *eos,
+        *encoder.end_of_turn_ids,
+        *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
+    ]
+    config.eos_token_id = list(dict.fromkeys(wanted))
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
 
 
 def parameter_share(model: torch.nn.Module) -> float:
@@ -123,8 +170,10 @@ def _full_state_dict(trainer) -> dict[str, torch.Tensor]:
     return accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def save_final_model(trainer, job: JobSpec, out: Path) -> None:
-    """Consolidated Hugging Face weights in ``out``, whatever the strategy (collective).
+def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> None:
+    """Consolidated Hugging Face weights in ``out``, whatever the strategy (collective), with the
+    tokenizer (the model's own inference template, never a training variant) and a generation
+    config that stops at the end of an assistant turn.
 
     With LoRA the adapter is saved, or with ``lora.merge`` a fresh copy of the
     base gets the trained adapter and is merged, so the sharded training
@@ -139,8 +188,11 @@ def save_final_model(trainer, job: JobSpec, out: Path) -> None:
         from peft import get_peft_model
 
         with _without_zero3_init():  # the copy is built whole, on this rank only
-            base = build_model(job.model, job.train.seed)
+            base = build_model(job.model, job.train.seed, len(encoder.tokenizer))
         merged = get_peft_model(base, model.peft_config["default"])
         merged.load_state_dict(state_dict)
         model, state_dict = merged.merge_and_unload(), None
     model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation_config_for(base, encoder).save_pretrained(str(out))
+    encoder.tokenizer.save_pretrained(str(out))

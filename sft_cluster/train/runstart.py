@@ -6,8 +6,8 @@ The driver (rank 0 under torchrun) claims the run directory:
   over a directory holding another run's commits is refused (exit 2), nothing written;
 - the run's own restarts (Ray Train's new worker group, a requeued Slurm job, which
   carries the same ``SFT_CLUSTER_RUN_ID``) always resume from its own commits;
-- a run whose newest commit is at ``train.max_steps`` and that has its ``final/`` model
-  is complete: nothing is trained again;
+- a run whose newest commit is at ``train.max_steps`` (or the steps counted for
+  ``train.epochs``) and that has its ``final/`` model is complete: nothing is trained again;
 - a resume after a change the saved data cursors depend on (sequence length, packing,
   batch split, chat template, ...) is refused, naming the field and both values.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -26,10 +25,11 @@ from typing import Any
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import ShardPlan
+from sft_cluster.data import DataError, ShardPlan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
 from sft_cluster.train.dataplan import ensure_plan
+from sft_cluster.train.steps import planned_steps, target_text
 
 TEMPLATE_KEY = "chat template"
 
@@ -39,7 +39,7 @@ class RunRefused(Exception):
 
 
 class RunComplete(Exception):
-    """The run already reached ``train.max_steps`` and saved its final model: nothing to do."""
+    """The run already reached its last step and saved its final model: nothing to do."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,8 @@ def _process_run_id() -> str:
     return f"run-{uuid.uuid4().hex[:12]}"
 
 
-def template_fingerprint(tokenizer: Any) -> str:
-    """A short hash of the tokenizer's chat template (the text that decides every token)."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
+def template_fingerprint(template: str) -> str:
+    """A short hash of the chat template samples are tokenized with (the text that decides every token)."""
     return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
@@ -103,11 +100,11 @@ def _saved_settings(store: CheckpointStore, committed: list[int]) -> tuple[int, 
 
 
 def _settings_problems(job: JobSpec, saved: dict[str, Any], step: int) -> list[str]:
-    from sft_cluster.train.model import load_tokenizer
+    from sft_cluster.train.model import load_chat
 
     fingerprint = saved.get(TEMPLATE_KEY, "")
     if fingerprint:
-        fingerprint = template_fingerprint(load_tokenizer(job.model))
+        fingerprint = template_fingerprint(load_chat(job).template)
     now = cursor_settings(job, fingerprint)
     problems = []
     for key, old in saved.items():
@@ -150,11 +147,13 @@ def check_start(job: JobSpec) -> bool:
             f"`sft-cluster resume {run.uri}`)"
         )
     newest = committed[-1]
-    if newest >= job.train.max_steps and _final_saved(run):
+    target = planned_steps(job)  # None: train.epochs not counted for this plan yet
+    if target is not None and newest >= target and _final_saved(run):
+        field = "train.max_steps" if job.train.max_steps is not None else "train.epochs"
         raise RunComplete(
-            f"run '{job.name}' at {run.uri} already completed: step {newest} of train.max_steps "
-            f"{job.train.max_steps} is committed and its final model is in {run.final}; nothing to "
-            "train (raise train.max_steps to train further, or use a new output_uri)"
+            f"run '{job.name}' at {run.uri} already completed: step {newest} of {target_text(job, target)} "
+            f"is committed and its final model is in {run.final}; nothing to train (raise {field} to "
+            "train further, or use a new output_uri)"
         )
     saved = _saved_settings(store, committed)
     problems = _settings_problems(job, saved[1], saved[0]) if saved else []
@@ -181,12 +180,24 @@ def check_reach(job: JobSpec, nodes: int) -> None:
         )
 
 
+def check_trainable(job: JobSpec) -> None:
+    """Refuse (DataError) a chat template that cannot tell the assistant's tokens, or a source
+    whose first samples train no token: a run that would learn nothing never starts."""
+    from sft_cluster.data.inspect import untrained_sources
+    from sft_cluster.train.model import load_chat
+
+    problems = untrained_sources(job.data, job.storage, load_chat(job))
+    if problems:
+        raise DataError("; ".join(problems))
+
+
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:
     """Check this start (see ``check_reach`` and ``check_start``; ``nodes``: how many nodes
     may run its workers), then take the run directory: its plan, the resolved ``job.yaml``
     (what ``sft-cluster resume`` reads) and ``run.json``."""
     check_reach(job, nodes)
     resuming = check_start(job)
+    check_trainable(job)
     plan = ensure_plan(job, world_size, notify, resuming=resuming)
     run = run_dir_of(job)
     storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)

@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import DataError, ShardPlan, list_sources, make_plan
+from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.evalset import eval_batches, eval_data, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
@@ -34,7 +35,7 @@ from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step
 from sft_cluster.train.dataplan import cursor_file, read_cursor
 from sft_cluster.train.evaluation import EvalCallback
-from sft_cluster.train.model import build_model, load_tokenizer, save_final_model
+from sft_cluster.train.model import build_model, load_chat, save_final_model
 from sft_cluster.train.progress import LogSink, ProgressSink
 from sft_cluster.train.report import RecordingCollator, worker_report
 from sft_cluster.train.runstart import (
@@ -44,6 +45,7 @@ from sft_cluster.train.runstart import (
     cursor_settings,
     template_fingerprint,
 )
+from sft_cluster.train.steps import TrainSteps, resolve_steps
 from sft_cluster.train.strategy import (
     StrategyPlan,
     bf16_capable,
@@ -62,7 +64,6 @@ def _sft_config(
     return SFTConfig(
         **strategy.trainer_args,
         output_dir=output_dir,
-        max_steps=train.max_steps,
         per_device_train_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.grad_accum_steps,
         learning_rate=train.learning_rate,
@@ -72,9 +73,7 @@ def _sft_config(
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
         logging_steps=train.logging_steps,
-        # Without every_n_steps only the final step is saved (and preemption saves).
-        save_strategy="steps",
-        save_steps=job.checkpoint.every_n_steps or train.max_steps,
+        save_strategy="steps",  # every save_steps, set with max_steps by _set_steps
         report_to=list(job.tracking),
         disable_tqdm=True,
         log_level="warning",
@@ -89,6 +88,15 @@ def _sft_config(
         # Resume restores the stream's own cursor; HF's batch skip would skip on top of it.
         ignore_data_skip=True,
     )
+
+
+def _set_steps(args: SFTConfig, job: JobSpec, max_steps: int) -> None:
+    """The run's step count, once known: ``train.epochs`` is counted after the claim, which needs the
+    process group that the SFTConfig sets up. The Trainer reads both fields only in ``train()``, where
+    ``max_steps`` sizes the learning-rate schedule (and DeepSpeed's)."""
+    args.max_steps = max_steps
+    # Without every_n_steps only the final step is saved (and preemption saves).
+    args.save_steps = job.checkpoint.every_n_steps or max_steps
 
 
 class _StreamingSFTTrainer(SFTTrainer):
@@ -149,7 +157,9 @@ def _claimed_plan(job: JobSpec, rank: int, world_size: int, claim: bool, sink: P
     return ShardPlan.from_json(text)
 
 
-def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPlan, tokenizer) -> EvalCallback:
+def _eval_callback(
+    job: JobSpec, rank: int, world_size: int, data_plan: ShardPlan, encoder: ChatEncoder
+) -> EvalCallback:
     """Evaluation on ``data.eval`` (planned at the first evaluation) or the held-out training records."""
     data = job.data
 
@@ -161,7 +171,7 @@ def _eval_callback(job: JobSpec, rank: int, world_size: int, data_plan: ShardPla
                 rank,
                 lambda: make_plan(held_out, list_sources(held_out, job.storage), world_size, job.train.seed),
             )
-        return eval_batches(plan, rank, data, job.storage, tokenizer, job.train.micro_batch_size)
+        return eval_batches(plan, rank, data, job.storage, encoder, job.train.micro_batch_size)
 
     run = run_dir_of(job)
 
@@ -190,6 +200,20 @@ def run_worker(
     staging.sweep()  # folders of attempts that were killed on this node
     with staging.staging(f"{job.name}-rank{collectives.rank_and_world()[0]}") as stage:
         return _train(job, sink or LogSink(), verify_fast, make_plan, stage, started)
+
+
+def _say_template_choices(job: JobSpec, encoder: ChatEncoder, model, sink: ProgressSink) -> None:
+    """Tell the user, once per run start, what was changed or chosen for the chat template."""
+    notices = [encoder.notice] if encoder.notice else []
+    added = encoder.tokenizer.added_by_template
+    if added:
+        rows = model.config.get_text_config().vocab_size
+        notices.append(
+            f"model.chat_template = {job.model.chat_template}: added the special tokens {', '.join(added)} "
+            f"to the tokenizer, and the model's embeddings now have {rows} rows"
+        )
+    for message in notices:
+        sink.emit({"kind": "notice", "message": message})
 
 
 def _resume_point(
@@ -225,7 +249,7 @@ def _train(
     if rank == 0 and "tensorboard" in job.tracking:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage / "tensorboard")
 
-    tokenizer = load_tokenizer(job.model)
+    encoder = load_chat(job)
     strategy = plan_strategy(job, collectives.rank_and_world()[1], precision, on_gpu)
     prepare_process(strategy, on_gpu)
     args = _sft_config(job, str(stage / "trainer"), precision, on_gpu, strategy)
@@ -233,8 +257,19 @@ def _train(
     prepare_trainer(strategy, on_gpu)
     rank, world_size = collectives.rank_and_world()
     data_plan = _claimed_plan(job, rank, world_size, make_plan, sink)
+    # train.epochs: every rank counts its share of the plan (saved for restarts), before the model is built.
+    steps = resolve_steps(
+        job,
+        data_plan,
+        encoder,
+        cursor_settings(job, template_fingerprint(encoder.template)),
+        notify=lambda message: sink.emit({"kind": "notice", "message": message}),
+    )
+    _set_steps(args, job, steps.max_steps)
     # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
-    model = build_model(job.model, job.train.seed)
+    model = build_model(job.model, job.train.seed, len(encoder.tokenizer))
+    if rank == 0:
+        _say_template_choices(job, encoder, model, sink)
     if rank == 0:
         run.write_json(run.strategy, strategy.record())
     store = CheckpointStore(run.uri, run.options)
@@ -246,9 +281,10 @@ def _train(
             sink,
             args,
             model,
-            tokenizer,
+            encoder,
             strategy,
             data_plan,
+            steps,
             store,
             resume_step,
             resume_dir,
@@ -266,9 +302,10 @@ def _fit(
     sink: ProgressSink,
     args: SFTConfig,
     model,
-    tokenizer,
+    encoder: ChatEncoder,
     strategy: StrategyPlan,
     data_plan: ShardPlan,
+    steps: TrainSteps,
     store: CheckpointStore,
     resume_step: int | None,
     resume_dir: Path | None,
@@ -280,7 +317,7 @@ def _fit(
     run = run_dir_of(job)
     cursor = read_cursor(resume_dir, rank) if resume_dir is not None else None
     train_dataset = PackedDataset(
-        data_plan, rank, job.data, job.storage, tokenizer, state=cursor, keep=train_filter(job.data)
+        data_plan, rank, job.data, job.storage, encoder, state=cursor, keep=train_filter(job.data)
     )
     rows_per_step = job.train.micro_batch_size * job.train.grad_accum_steps
 
@@ -299,9 +336,13 @@ def _fit(
             events.close()
     evaluator = None
     if job.train.eval_every_n_steps:
-        evaluator = _eval_callback(job, rank, world_size, data_plan, tokenizer)
+        evaluator = _eval_callback(job, rank, world_size, data_plan, encoder)
     progress = ProgressCallback(
-        metrics, sink, job.train.max_steps, eval_loss=lambda: evaluator.latest if evaluator else None
+        metrics,
+        sink,
+        steps.max_steps,
+        eval_loss=lambda: evaluator.latest if evaluator else None,
+        epoch_of=steps.epoch,
     )
     committer = CommitCallback(
         store,
@@ -312,7 +353,7 @@ def _fit(
         stage_extra=save_cursor,
         # Metrics are durable at least up to every commit, also on object storage.
         before_commit=(lambda step: metrics.sync()) if metrics is not None else None,
-        metadata={"cursor_settings": cursor_settings(job, template_fingerprint(tokenizer))},
+        metadata={"cursor_settings": cursor_settings(job, template_fingerprint(encoder.template))},
         verify_fast=verify_fast,
     )
     recorder = RecordingCollator(collate_rows)
@@ -322,7 +363,7 @@ def _fit(
         # TRL accepts only `datasets` types (and peeks at a sample): the stream goes in below.
         train_dataset=datasets.Dataset.from_list([{"input_ids": [0], "labels": [-100]}]),
         data_collator=recorder,
-        processing_class=tokenizer,
+        processing_class=encoder.tokenizer,
         callbacks=[c for c in (evaluator, progress, committer) if c is not None],
         peft_config=LoraConfig(**strategy.lora) if strategy.lora else None,
     )
@@ -337,9 +378,8 @@ def _fit(
         sink.emit({"kind": "preempted", "step": trainer.state.global_step})
     else:
         final_local = stage / "final"
-        save_final_model(trainer, job, final_local)
+        save_final_model(trainer, job, encoder, final_local)
         if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(str(final_local))
             storage.upload_dir(final_local, run.final, run.options)
     if rank == 0 and "tensorboard" in job.tracking:
         storage.upload_dir(stage / "tensorboard", run.tensorboard, run.options)

@@ -100,11 +100,25 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     out["eval_loss"] = evaluator.evaluate()
 
     # The plan: rank 0 claims the run and makes it, every rank gets the same one.
-    job = load_job(str(REPO / "jobs" / "smoke.yaml"), [f"output_uri={tmp / 'claimed'}"])
+    job_yaml = str(REPO / "jobs" / "smoke.yaml")
+    job = load_job(job_yaml, [f"output_uri={tmp / 'claimed'}"])
     sink = SimpleNamespace(emit=lambda event: None)
     claimed = _claimed_plan(job, rank, WORLD, True, sink)
     out["claimed_plan"] = claimed.to_json()
     out["plan"] = _plan_from_rank0(rank, lambda: claimed if rank == 0 else None).to_json()
+
+    # train.epochs: each rank counts its own share, all get the same steps; then the saved count is read.
+    from sft_cluster.data.epochs import count_rows
+    from sft_cluster.data.evalset import train_filter
+    from sft_cluster.train.steps import resolve_steps
+    from tests.unit.test_epochs import WordEncoder
+
+    epochs = load_job(job_yaml, [f"output_uri={tmp / 'claimed'}", "train.max_steps=null", "train.epochs=1"])
+    first = resolve_steps(epochs, claimed, WordEncoder(), {}, lambda message: None)
+    again = resolve_steps(epochs, claimed, WordEncoder(), {}, lambda message: None)
+    out["epoch_steps"] = [[first.max_steps, first.steps_per_epoch], [again.max_steps, again.steps_per_epoch]]
+    keep = train_filter(epochs.data)
+    out["own_rows"] = count_rows(claimed, rank, epochs.data, epochs.storage, WordEncoder(), keep=keep)
     return out
 
 
@@ -150,6 +164,14 @@ def test_every_control_plane_helper_runs_on_a_cuda_only_default_group(tmp_path):
     assert "config.json" in results[0]["fetched"] and "config.json" not in results[1]["fetched"]
     assert results[0]["claimed_plan"] == results[1]["claimed_plan"]
     assert results[0]["plan"] == results[1]["plan"]
+    assert results[0]["epoch_steps"] == results[1]["epoch_steps"]
+    assert results[0]["epoch_steps"][0] == results[0]["epoch_steps"][1]
+    saved = json.loads((tmp_path / "claimed" / "epochs.json").read_text())
+    assert saved["rows_per_rank"] == [results[0]["own_rows"], results[1]["own_rows"]]
+    events = [
+        json.loads(line)["event"] for line in (tmp_path / "claimed" / "events.jsonl").read_text().splitlines()
+    ]
+    assert events.count("epochs_counted") == 1
 
 
 COLLECTIVES = {

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from sft_cluster.data.inspect import best_fit_bins
+from sft_cluster.spec import resolve_builtin
 from tests.conftest import run_cli
 
 
@@ -20,8 +23,75 @@ def test_stats_counts_the_smoke_data(isolated_env):
     row = next(line for line in result.stdout.splitlines() if line.startswith("│ all"))
     cells = [c.strip() for c in row.strip("│ ").split("│")]
     assert cells[1] == "2,000"
-    assert int(cells[3].replace(",", "")) < int(cells[2].replace(",", ""))  # only assistant tokens train
-    assert float(cells[5]) >= 0.95  # packing efficiency of the smoke data at max_seq_len 256
+    assert 0 < int(cells[3].replace(",", "")) < int(cells[2].replace(",", ""))  # only assistant tokens train
+    assert cells[4] == "0"  # no sample without a trained token
+    assert float(cells[6]) >= 0.95  # packing efficiency of the smoke data at max_seq_len 256
+    assert "assistant mask: markers" in result.stdout
+
+
+def _tokenizer_with(folder: Path, template: str | None) -> Path:
+    """The shipped tiny tokenizer with another chat template (None: a base model's, without one)."""
+    from transformers import AutoTokenizer
+
+    from sft_cluster.spec.templates import read_template
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
+    tokenizer.chat_template = read_template(template) if template else None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_real_template_without_markers_trains_its_assistant_turns(isolated_env, tmp_path):
+    qwen = _tokenizer_with(tmp_path / "qwen", "qwen2_5")
+    result = run_cli(["data", "stats", "jobs/smoke.yaml", f"model.tokenizer={qwen}"], isolated_env)
+    assert result.returncode == 0, result.stderr
+    assert "assistant mask: trl_variant" in result.stdout
+    cells = [c.strip() for c in result.stdout.split("│ all")[1].splitlines()[0].strip("│ ").split("│")]
+    assert int(cells[2].replace(",", "")) > 8000 and cells[3] == "0"
+
+
+def test_a_base_tokenizer_is_refused_until_a_template_is_named(isolated_env, tmp_path):
+    base = _tokenizer_with(tmp_path / "base", None)
+    refused = run_cli(
+        ["run", "jobs/smoke.yaml", f"model.tokenizer={base}", f"output_uri={tmp_path}/run"], isolated_env
+    )
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "has no chat template" in refused.stderr and "model.chat_template" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "run").exists()
+    named = run_cli(
+        [
+            "data",
+            "preview",
+            "jobs/smoke.yaml",
+            "-n",
+            "1",
+            f"model.tokenizer={base}",
+            "model.chat_template=chatml",
+        ],
+        isolated_env,
+    )
+    assert named.returncode == 0, named.stderr
+    assert "assistant mask: markers" in named.stdout
+    assert int(re.search(r"(\d+) trained", named.stdout).group(1)) > 0
+
+
+def test_a_source_that_trains_nothing_is_refused_before_training(isolated_env, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    long_prompt = {"role": "user", "content": "word " * 400}
+    data.write_text(json.dumps({"messages": [long_prompt, {"role": "assistant", "content": "ok"}]}) + "\n")
+    result = run_cli(
+        [
+            "run",
+            "jobs/smoke.yaml",
+            f"data.sources[0].uri={data}",
+            "data.truncation=truncate",
+            f"output_uri={tmp_path}/run",
+        ],
+        isolated_env,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"data.sources[0] ({data}): none of its first 1 samples has a token to train on" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_preview_shows_each_rank_its_own_samples(isolated_env):

@@ -12,7 +12,7 @@ from sft_cluster.data import list_sources, make_plan
 from sft_cluster.data.evalset import eval_batches, eval_data, in_eval_split, train_filter
 from sft_cluster.data.stream import RankStream
 from sft_cluster.spec import DataSpec, StorageSpec
-from tests.unit.test_data_plan import FakeTokenizer, record
+from tests.unit.test_data_plan import FakeEncoder, record
 
 STORE = StorageSpec()
 
@@ -25,14 +25,14 @@ def _corpus(tmp_path: Path, count: int = 400) -> str:
 
 
 def _ids(samples) -> list[int]:
-    """The record id a FakeTokenizer sample starts with."""
+    """The record id a FakeEncoder sample starts with."""
     return [sample.input_ids[0] - 10 for sample in samples]
 
 
 def _one_epoch(data: DataSpec, world_size: int, keep) -> list[list[int]]:
     plan = make_plan(data, list_sources(data, STORE), world_size, seed=3)
     return [
-        _ids(RankStream(plan, rank, data, STORE, FakeTokenizer(), keep=keep).one_pass())
+        _ids(RankStream(plan, rank, data, STORE, FakeEncoder(), keep=keep).one_pass())
         for rank in range(world_size)
     ]
 
@@ -66,7 +66,7 @@ def test_eval_batches_cover_the_eval_sources_once(tmp_path, world_size):
     plan = make_plan(held_out, list_sources(held_out, STORE), world_size, seed=3)
     seen = []
     for rank in range(world_size):
-        batches = eval_batches(plan, rank, data, STORE, FakeTokenizer(), micro_batch_size=2)
+        batches = eval_batches(plan, rank, data, STORE, FakeEncoder(), micro_batch_size=2)
         assert batches, "every rank has at least one batch"
         for batch in batches:
             assert batch["input_ids"].shape[0] == 1  # padding-free, like training batches

@@ -1,6 +1,6 @@
 """Shard plan, per-rank streams and packed rows: every record once per epoch, exact resume.
 
-Most tests use ``FakeTokenizer`` (ids name the record, one token per word) so a
+Most tests use ``FakeEncoder`` (ids name the record, one token per word) so a
 property test can run hundreds of streams in seconds; the packing-efficiency
 test uses the real tiny chat tokenizer shipped in the package.
 """
@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sft_cluster.data import DataError, build_plan, make_plan, plan_changes
+from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.packing import IGNORE_INDEX, best_fit, pack
 from sft_cluster.data.plan import ShardPlan
 from sft_cluster.data.records import ObjectInfo, source_options
@@ -31,21 +32,25 @@ STORE = StorageSpec()
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class FakeTokenizer:
-    """Chat template stand-in: a user turn "ID words..." gives [10 + ID, 7, 7, ...], untrained;
+class FakeEncoder:
+    """ChatEncoder stand-in: a user turn "ID words..." gives [10 + ID, 7, 7, ...], untrained;
     each assistant word is one trained token 8."""
 
     pad_token_id = 0
     eos_token_id = 1
 
-    def apply_chat_template(self, conversation, tokenize, return_dict, return_assistant_tokens_mask):
+    @property
+    def tokenizer(self):
+        return self
+
+    def encode(self, conversation, tools=None):
         ids, mask = [], []
         for turn in conversation:
             words = turn["content"].split()
             trained = turn["role"] == "assistant"
             ids += [8 if trained else (10 + int(w) if w.isdigit() else 7) for w in words]
             mask += [int(trained)] * len(words)
-        return {"input_ids": ids, "assistant_masks": mask}
+        return ids, mask
 
 
 def record(rid: int, filler: int = 2, answer: int = 2) -> dict:
@@ -113,7 +118,7 @@ def test_every_record_goes_to_exactly_one_rank(corpus, chunk_bytes, world_size, 
         # The streams agree with the plan: each rank's first epoch is what it owns, once each.
         streamed = []
         for rank in range(world_size):
-            stream = RankStream(plan, rank, data, STORE, FakeTokenizer())
+            stream = RankStream(plan, rank, data, STORE, FakeEncoder())
             if not owned[rank]:  # tiny data: a rank with nothing to read fails loudly, never loops
                 with pytest.raises(DataError, match=f"gave rank {rank} no sample"):
                     next(stream)
@@ -214,7 +219,7 @@ def test_resume_continues_exactly(
         for rank in range(world_size):
 
             def stream(state=None, rank=rank):
-                return PackedRowStream(plan, rank, data, STORE, FakeTokenizer(), state, window_rows)
+                return PackedRowStream(plan, rank, data, STORE, FakeEncoder(), state, window_rows)
 
             reference = stream()
             expected = [next(reference) for _ in range(done + ahead + more)]
@@ -231,7 +236,7 @@ def test_resume_continues_exactly(
 def test_resume_rejects_another_plan_and_old_rows(tmp_path):
     data = spec((write_corpus(tmp_path, "c", [[record(i) for i in range(40)]], [False]), 1.0))
     plan = build_plan(data, STORE, 2, 0, chunk_bytes=200)
-    rows = PackedRowStream(plan, 0, data, STORE, FakeTokenizer(), window_rows=1)
+    rows = PackedRowStream(plan, 0, data, STORE, FakeEncoder(), window_rows=1)
     for _ in range(10):
         next(rows)
     with pytest.raises(ValueError, match="only 10 rows"):
@@ -240,19 +245,19 @@ def test_resume_rejects_another_plan_and_old_rows(tmp_path):
     with pytest.raises(ValueError, match="older than the oldest cursor kept"):
         rows.state_after(1)
     with pytest.raises(DataError, match="resume with the run's saved data plan"):
-        PackedRowStream(plan, 1, data, STORE, FakeTokenizer(), state)
+        PackedRowStream(plan, 1, data, STORE, FakeEncoder(), state)
     other = build_plan(data, STORE, 2, 1, chunk_bytes=200)
     assert other.fingerprint == plan.fingerprint  # the same listing, but another plan
     with pytest.raises(DataError, match=f"the data cursor is for plan {plan.id} rank 0, not plan {other.id}"):
-        PackedRowStream(other, 0, data, STORE, FakeTokenizer(), state)
-    assert PackedRowStream(plan, 0, data, STORE, FakeTokenizer(), state).rows_out == 8
+        PackedRowStream(other, 0, data, STORE, FakeEncoder(), state)
+    assert PackedRowStream(plan, 0, data, STORE, FakeEncoder(), state).rows_out == 8
 
 
 def test_weights_mix_sources_in_proportion(tmp_path):
     a = write_corpus(tmp_path, "a", [[record(i) for i in range(50)]], [False])
     b = write_corpus(tmp_path, "b", [[record(1000 + i) for i in range(50)]], [True])
     data = spec((a, 3.0), (b, 1.0))
-    stream = RankStream(build_plan(data, STORE, 1, 7), 0, data, STORE, FakeTokenizer())
+    stream = RankStream(build_plan(data, STORE, 1, 7), 0, data, STORE, FakeEncoder())
     sources = Counter(next(stream).source for _ in range(4000))
     assert 0.72 < sources[0] / 4000 < 0.78
     assert stream.counters[1].samples == sources[1] and stream.positions[1].epoch >= 10
@@ -267,12 +272,12 @@ def test_byte_range_errors_name_the_absolute_line(tmp_path):
     data = spec((str(path), 1.0))
     plan = build_plan(data, STORE, 1, 3, chunk_bytes=300)
     assert len(plan.sources[0].ranks[0]) > 10
-    stream = RankStream(plan, 0, data, STORE, FakeTokenizer())
+    stream = RankStream(plan, 0, data, STORE, FakeEncoder())
     with pytest.raises(DataError, match=r"bad\.jsonl:(37: malformed JSON|51: no known record shape)"):
         for _ in range(100):
             next(stream)
     skipping = spec((str(path), 1.0), on_bad_record="skip", max_bad_records=2)
-    stream = RankStream(plan, 0, skipping, STORE, FakeTokenizer())
+    stream = RankStream(plan, 0, skipping, STORE, FakeEncoder())
     while next(stream).epoch == 0:
         pass
     assert stream.counters[0].bad == 2 and stream.counters[0].samples == 59
@@ -280,7 +285,7 @@ def test_byte_range_errors_name_the_absolute_line(tmp_path):
         "bad.jsonl:37" in stream.bad.first or "bad.jsonl:51" in stream.bad.first
     )
     strict = spec((str(path), 1.0), on_bad_record="skip", max_bad_records=1)
-    stream = RankStream(plan, 0, strict, STORE, FakeTokenizer())
+    stream = RankStream(plan, 0, strict, STORE, FakeEncoder())
     with pytest.raises(DataError, match="2 bad records skipped, more than data.max_bad_records = 1"):
         for _ in range(100):
             next(stream)
@@ -290,7 +295,7 @@ def test_compressed_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl.gz"
     path.write_bytes(gzip.compress(f"{json.dumps(record(1))}\n\n{{oops\n".encode()))
     data = spec((str(path), 1.0))
-    stream = RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeTokenizer())
+    stream = RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeEncoder())
     with pytest.raises(DataError, match=r"bad\.jsonl\.gz:3: malformed JSON"):
         for _ in range(3):
             next(stream)
@@ -300,7 +305,7 @@ def test_compressed_errors_name_the_line(tmp_path):
 def test_over_length_samples_are_dropped_or_truncated_and_counted(tmp_path, policy):
     rows = [record(i, filler=2, answer=30 if i % 4 == 0 else 3) for i in range(20)]
     data = spec((write_corpus(tmp_path, "c", [rows], [False]), 1.0), truncation=policy)
-    stream = RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeTokenizer(), max_seq_len=16)
+    stream = RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeEncoder(), max_seq_len=16)
     samples = []
     while (sample := next(stream)).epoch == 0:
         samples.append(sample)
@@ -319,9 +324,24 @@ def test_over_length_samples_are_dropped_or_truncated_and_counted(tmp_path, poli
 
 
 def test_all_tokens_train_without_assistant_only_loss(tmp_path):
+    from transformers import AutoTokenizer
+
     data = spec((write_corpus(tmp_path, "c", [[record(1)]], [False]), 1.0), assistant_only_loss=False)
-    sample = next(RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeTokenizer()))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-chatml"))
+    encoder = ChatEncoder(tokenizer, "tiny", assistant_only=False)
+    sample = next(RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, encoder))
     assert sample.assistant_mask == [1] * len(sample.input_ids)
+    assert len(sample.input_ids) > 8
+
+
+def test_truncation_that_cuts_every_trained_token_drops_and_counts_the_sample(tmp_path):
+    rows = [record(i, filler=20 if i % 2 else 2, answer=3) for i in range(10)]
+    data = spec((write_corpus(tmp_path, "c", [rows], [False]), 1.0), truncation="truncate")
+    stream = RankStream(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeEncoder(), max_seq_len=16)
+    samples = list(stream.one_pass())
+    assert len(samples) == 5 and all(sum(s.assistant_mask[1:]) == 3 for s in samples)
+    counters = stream.counters[0]
+    assert (counters.samples, counters.untrained, counters.truncated) == (5, 5, 5)
 
 
 def test_packed_rows_have_labels_and_positions_per_sequence():
@@ -344,7 +364,8 @@ def test_smoke_data_packs_at_least_95_percent():
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-chatml"))
     data = DataSpec.model_validate({"sources": [{"uri": "builtin:smoke-chat.jsonl"}], "max_seq_len": 256})
-    rows = PackedRowStream(build_plan(data, STORE, 1, 42), 0, data, STORE, tokenizer)
+    encoder = ChatEncoder(tokenizer, "builtin:tiny-chatml")
+    rows = PackedRowStream(build_plan(data, STORE, 1, 42), 0, data, STORE, encoder)
     while rows.samples.positions[0].epoch == 0:
         row = next(rows)
         assert len(row.input_ids) == len(row.labels) == len(row.position_ids) == 256
@@ -355,7 +376,7 @@ def test_smoke_data_packs_at_least_95_percent():
 def test_packed_dataset_yields_tensors_and_a_cursor(tmp_path):
     data = spec((write_corpus(tmp_path, "c", [[record(i) for i in range(30)]], [False]), 1.0))
     plan = build_plan(data, STORE, 1, 0)
-    dataset = PackedDataset(plan, 0, data, STORE, FakeTokenizer(), window_rows=2)
+    dataset = PackedDataset(plan, 0, data, STORE, FakeEncoder(), window_rows=2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=0)
     batches = iter(loader)
     batch = next(batches)
@@ -363,8 +384,8 @@ def test_packed_dataset_yields_tensors_and_a_cursor(tmp_path):
     assert batch["input_ids"].shape == (4, 64) and batch["input_ids"].dtype == torch.long
     next(batches)  # read ahead: 8 rows handed out, 4 consumed
     state = json.loads(json.dumps(dataset.state_after(4)))
-    resumed = PackedDataset(plan, 0, data, STORE, FakeTokenizer(), state, window_rows=2)
-    fresh = PackedDataset(plan, 0, data, STORE, FakeTokenizer(), window_rows=2)
+    resumed = PackedDataset(plan, 0, data, STORE, FakeEncoder(), state, window_rows=2)
+    fresh = PackedDataset(plan, 0, data, STORE, FakeEncoder(), window_rows=2)
     after = next(iter(torch.utils.data.DataLoader(resumed, batch_size=4)))
     assert torch.equal(
         after["input_ids"], next(iter(torch.utils.data.DataLoader(fresh, batch_size=8)))["input_ids"][4:]

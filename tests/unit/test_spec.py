@@ -114,7 +114,7 @@ def test_yaml_1_2_exponent_floats_in_files(in_tmp: Path) -> None:
             "max_steps: 10",
             "max_steps: 10, lr: 1",
             "unknown key 'train.lr' (valid keys: "
-            "max_steps, micro_batch_size, grad_accum_steps, learning_rate, lr_scheduler, "
+            "max_steps, epochs, micro_batch_size, grad_accum_steps, learning_rate, lr_scheduler, "
             "warmup_steps, weight_decay, max_grad_norm, seed, logging_steps, eval_every_n_steps)",
         ),
         ("max_steps: 10", "max_step: 10", "unknown key 'train.max_step' (did you mean 'train.max_steps'?)"),
@@ -228,6 +228,24 @@ def test_eval_steps_need_eval_data(in_tmp: Path) -> None:
     ]
     both = MINIMAL.replace("data: {", "data: {eval_fraction: 0.1, eval: [{uri: e.jsonl}], ")
     assert "data.eval and data.eval_fraction are both set" in job_errors(both)[0]
+
+
+def test_exactly_one_of_max_steps_and_epochs(in_tmp: Path) -> None:
+    both = MINIMAL.replace("max_steps: 10", "max_steps: 10, epochs: 2")
+    assert job_errors(both) == [
+        "error: jobs/smoke.yaml: train.max_steps = 10 and train.epochs = 2 are both set (train for one "
+        "of them: remove the other, e.g. with the override train.max_steps=null)"
+    ]
+    assert job_errors(MINIMAL, ("train.max_steps=null",)) == [
+        "error: jobs/smoke.yaml: train.max_steps or train.epochs is required (how long to train: "
+        "optimizer steps, e.g. train.max_steps: 1000, or passes over the data, e.g. train.epochs: 1)"
+    ]
+    assert job_errors(MINIMAL, ("train.max_steps=null", "train.epochs=0")) == [
+        "error: jobs/smoke.yaml: train.epochs = 0: must be greater than 0"
+    ]
+    job = load_job(write(MINIMAL), ("train.max_steps=null", "train.epochs=0.5"))
+    assert (job.train.max_steps, job.train.epochs) == (None, 0.5)
+    assert load_job(write(dump_job_yaml(job))) == job  # what resume reads back
 
 
 # --- file-level problems ----------------------------------------------------------------
