@@ -17,20 +17,16 @@ would already mix in the next epoch's first samples.
 
 from __future__ import annotations
 
-import inspect
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from sft_cluster.data.packing import best_fit
 from sft_cluster.data.plan import ShardPlan
-from sft_cluster.data.stream import PackedDataset, RankStream
+from sft_cluster.data.stream import WINDOW_ROWS, RankStream
 from sft_cluster.spec import DataSpec, StorageSpec
 
 __all__ = ["WINDOW_ROWS", "count_rows", "epoch_lengths", "rows_of"]
-
-# The window the trainer's stream packs in (PackedDataset's default): counting must use the same.
-WINDOW_ROWS: int = inspect.signature(PackedDataset).parameters["window_rows"].default
 
 
 def epoch_lengths(

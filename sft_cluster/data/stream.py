@@ -45,6 +45,7 @@ from sft_cluster.data.records import (
 from sft_cluster.spec import DataSpec, StorageSpec
 
 __all__ = [
+    "WINDOW_ROWS",
     "Counters",
     "PackedDataset",
     "PackedRowStream",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 _READ_BLOCK = 1 << 20
+# Rows packed together best-fit (see PackedRowStream); counting for train.epochs uses the same.
+WINDOW_ROWS = 128
 
 
 def read_lines(
@@ -333,7 +336,7 @@ class PackedRowStream:
         store: StorageSpec,
         encoder: ChatEncoder,
         state: dict[str, Any] | None = None,
-        window_rows: int = 128,
+        window_rows: int = WINDOW_ROWS,
         keep: Callable[[Any], bool] | None = None,
     ):
         if state is not None and (state["plan"], state["rank"]) != (plan.id, rank):
@@ -441,7 +444,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
         store: StorageSpec,
         encoder: ChatEncoder,
         state: dict[str, Any] | None = None,
-        window_rows: int = 128,
+        window_rows: int = WINDOW_ROWS,
         keep: Callable[[Any], bool] | None = None,
     ):
         self._make = partial(PackedRowStream, plan, rank, data, store, encoder, state, window_rows, keep)

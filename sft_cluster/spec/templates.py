@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-_OWN = Path(__file__).resolve().parents[1] / "assets" / "templates"
+_OWN = Path(__file__).resolve().parents[1] / "templates"
 
 
 def _trl_folder() -> Path | None:

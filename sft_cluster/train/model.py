@@ -170,6 +170,16 @@ def _full_state_dict(trainer) -> dict[str, torch.Tensor]:
     return accelerator.get_state_dict(trainer.model_wrapped)
 
 
+def _without_tied_copy(model, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A gathered state dict (FSDP2) holds tied embeddings twice, and ``save_pretrained`` would
+    write both: the output embedding's copy goes, as a tied model saves it."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if state_dict is None or output is None or not model.config.get_text_config().tie_word_embeddings:
+        return state_dict
+    key = next((f"{name}.weight" for name, module in model.named_modules() if module is output), None)
+    return {name: tensor for name, tensor in state_dict.items() if name != key}
+
+
 def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> None:
     """Consolidated Hugging Face weights in ``out``, whatever the strategy (collective), with the
     tokenizer (the model's own inference template, never a training variant) and a generation
@@ -192,7 +202,7 @@ def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> 
         merged = get_peft_model(base, model.peft_config["default"])
         merged.load_state_dict(state_dict)
         model, state_dict = merged.merge_and_unload(), None
-    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(str(out), state_dict=_without_tied_copy(model, state_dict), safe_serialization=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     generation_config_for(base, encoder).save_pretrained(str(out))
     encoder.tokenizer.save_pretrained(str(out))

@@ -23,7 +23,9 @@ class LogSink:
         self.every = every
 
     def emit(self, event: dict[str, Any]) -> None:
-        if event.get("kind") != "step":
+        if event.get("kind") == "notice":
+            log.info("%s", event["message"])
+        elif event.get("kind") != "step":
             log.info("%s", event)
         elif event["step"] % self.every == 0 or event["step"] == event["max_steps"]:
             epoch = f" epoch {event['epoch']:.2f}" if event.get("epoch") is not None else ""

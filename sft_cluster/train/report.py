@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any
 
+from sft_cluster.data.packing import IGNORE_INDEX
 from sft_cluster.train import staging
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.model import parameter_share
@@ -21,11 +22,12 @@ RECORD_ROWS_ENV = "SFT_CLUSTER_RECORD_ROWS"
 
 
 class RecordingCollator:
-    """Wraps the collator to fingerprint every row this rank trains on."""
+    """Wraps the collator to fingerprint and count every row this rank trains on."""
 
     def __init__(self, inner):
         self.inner = inner
         self.rows = 0
+        self.trained_tokens = 0  # labels that carry loss
         self._digest = hashlib.sha256()
         self.row_digests: list[str] | None = [] if os.environ.get(RECORD_ROWS_ENV) == "1" else None
 
@@ -34,6 +36,7 @@ class RecordingCollator:
             digest = hashlib.sha1(row["input_ids"].numpy().tobytes()).digest()[:8]
             self._digest.update(digest)
             self.rows += 1
+            self.trained_tokens += int((row["labels"] != IGNORE_INDEX).sum())
             if self.row_digests is not None:
                 self.row_digests.append(digest.hex())
         return self.inner(features)
@@ -68,6 +71,7 @@ def worker_report(
         "device": str(trainer.args.device),
         "steps": trainer.state.global_step,
         "rows_seen": recorder.rows,
+        "trained_tokens_seen": recorder.trained_tokens,
         "rows_digest": recorder.digest,
         "started_at": started,
         "first_step_at": progress.first_step_time,

@@ -6,9 +6,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+# Opt-in (`-m slow`): the GPU check's dry run (test_gpu_check.py) already runs the script's parts on CPU.
+@pytest.mark.slow
 def test_gpu_bench_runs_each_strategy_on_cpu(isolated_env):
     result = subprocess.run(
         [sys.executable, "bench/gpu.py", "--cpu", "--tiny", "--steps", "6", "--warmup", "2"]

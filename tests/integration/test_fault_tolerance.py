@@ -140,6 +140,9 @@ def _until(condition, proc: subprocess.Popen, what: str, timeout: float = 300, p
     return found
 
 
+# Opt-in (`-m slow`, ~5 min on 2 cores): CI keeps the single-fault tests (preemption, corrupt
+# and uncommitted checkpoints, node loss, Slurm requeues) within its time budget.
+@pytest.mark.slow
 def test_chaos_five_faults_end_with_the_uninterrupted_weights(workdir, reference_run):
     """One run, five seeded faults at five different points; the result is the uninterrupted one."""
     rng = random.Random(20261201)
