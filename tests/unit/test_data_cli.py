@@ -6,9 +6,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from sft_cluster.data.inspect import best_fit_bins
 from sft_cluster.spec import resolve_builtin
 from tests.conftest import run_cli
+from tests.fixtures.families import build_family
 
 
 def test_best_fit_packs_tightly():
@@ -41,12 +44,15 @@ def _tokenizer_with(folder: Path, template: str | None) -> Path:
     return folder
 
 
-def test_a_real_template_without_markers_trains_its_assistant_turns(isolated_env, tmp_path):
-    qwen = _tokenizer_with(tmp_path / "qwen", "qwen2_5")
-    result = run_cli(["data", "stats", "jobs/smoke.yaml", f"model.tokenizer={qwen}"], isolated_env)
+@pytest.mark.parametrize("family,method", [("qwen2_5", "trl_variant"), ("llama3_1", "prefix")])
+def test_a_family_folder_shows_the_trained_tokens_of_its_own_template(isolated_env, tmp_path, family, method):
+    """A real family's model folder (its original template, no markers): the mask is found."""
+    folder = build_family(family, tmp_path / family)
+    result = run_cli(["data", "stats", "jobs/smoke.yaml", f"model.name_or_path={folder}"], isolated_env)
     assert result.returncode == 0, result.stderr
-    assert "assistant mask: trl_variant" in result.stdout
+    assert f"assistant mask: {method}" in result.stdout
     cells = [c.strip() for c in result.stdout.split("│ all")[1].splitlines()[0].strip("│ ").split("│")]
+    # The smoke data's 3,000-odd assistant turns: each its content and end-of-turn token at least.
     assert int(cells[2].replace(",", "")) > 8000 and cells[3] == "0"
 
 
