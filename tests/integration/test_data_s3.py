@@ -17,7 +17,7 @@ from sft_cluster.data import build_plan, load_conversations
 from sft_cluster.data.stream import PackedRowStream, RankStream
 from sft_cluster.spec import DataSpec, StorageSpec
 from tests.fixtures.s3 import s3_server  # noqa: F401 - fixture
-from tests.unit.test_data_plan import FakeTokenizer, record
+from tests.unit.test_data_plan import FakeEncoder, record
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_plan_and_streams_over_s3(s3_server, bucket, monkeypatch):  # noqa: F811
 
     seen = []
     for rank in range(2):
-        stream = RankStream(plan, rank, data, store, FakeTokenizer())
+        stream = RankStream(plan, rank, data, store, FakeEncoder())
         while (sample := next(stream)).epoch == 0:
             seen.append(sample.input_ids[0] - 10)
     assert sorted(seen) == list(range(600))
@@ -83,13 +83,13 @@ def test_plan_and_streams_over_s3(s3_server, bucket, monkeypatch):  # noqa: F811
     assert [len(source.objects) for source in build_plan(globbed, store, 2, 0).sources] == [2, 1]
     assert calls["get_object"] >= sum(len(units) for units in plan.sources[0].ranks)
 
-    reference = PackedRowStream(plan, 1, data, store, FakeTokenizer(), window_rows=4)
+    reference = PackedRowStream(plan, 1, data, store, FakeEncoder(), window_rows=4)
     expected = [next(reference) for _ in range(60)]
-    interrupted = PackedRowStream(plan, 1, data, store, FakeTokenizer(), window_rows=4)
+    interrupted = PackedRowStream(plan, 1, data, store, FakeEncoder(), window_rows=4)
     for _ in range(45):
         next(interrupted)
     state = json.loads(json.dumps(interrupted.state_after(37)))
-    resumed = PackedRowStream(plan, 1, data, store, FakeTokenizer(), state, window_rows=4)
+    resumed = PackedRowStream(plan, 1, data, store, FakeEncoder(), state, window_rows=4)
     assert [next(resumed) for _ in range(23)] == expected[37:]
 
 
