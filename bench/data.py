@@ -95,11 +95,12 @@ def child_ours(prefix: str, endpoint: str, work: Path, resume_batches: int | Non
     import torch
 
     from sft_cluster.data import ShardPlan, build_plan
+    from sft_cluster.data.chat import ChatEncoder
     from sft_cluster.data.stream import PackedDataset
     from sft_cluster.spec import DataSpec, ModelSpec, StorageSpec
     from sft_cluster.train.model import load_tokenizer
 
-    tokenizer = load_tokenizer(ModelSpec(name_or_path="builtin:tiny-llama"))
+    encoder = ChatEncoder(load_tokenizer(ModelSpec(name_or_path="builtin:tiny-llama")), "builtin:tiny-llama")
     data = DataSpec.model_validate(
         {"sources": [{"uri": prefix}], "max_seq_len": MAX_SEQ_LEN, "truncation": "truncate"}
     )
@@ -108,11 +109,11 @@ def child_ours(prefix: str, endpoint: str, work: Path, resume_batches: int | Non
     if resume_batches is not None:
         plan = ShardPlan.from_json((work / "plan.json").read_text())
         state = json.loads((work / "cursor.json").read_text())
-        dataset = PackedDataset(plan, 0, data, store, tokenizer, state)
+        dataset = PackedDataset(plan, 0, data, store, encoder, state)
         batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH)))
         return {"resume_s": time.perf_counter() - started, "digest": _digest(batch)}
     plan = build_plan(data, store, world_size=1, seed=42)
-    dataset = PackedDataset(plan, 0, data, store, tokenizer)
+    dataset = PackedDataset(plan, 0, data, store, encoder)
     first = None
     digests = []
     for batch in torch.utils.data.DataLoader(dataset, batch_size=BATCH):
