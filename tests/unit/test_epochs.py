@@ -20,28 +20,10 @@ from sft_cluster.tracking import read_jsonl, run_dir_of
 from sft_cluster.train import steps as steps_module
 from sft_cluster.train.runstart import RunComplete, check_start, claim_run
 from sft_cluster.train.steps import TrainSteps, epoch_steps, planned_steps, resolve_steps, steps_from_rows
+from tests.unit.test_data_plan import FakeEncoder
 
 REPO = Path(__file__).resolve().parents[2]
 STORE = StorageSpec()
-
-
-class WordEncoder:
-    """ChatEncoder stand-in: one token per word (user words untrained, assistant words trained)."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-
-    @property
-    def tokenizer(self):
-        return self
-
-    def encode(self, conversation, tools=None):
-        ids, mask = [], []
-        for turn in conversation:
-            words = turn["content"].split()
-            ids += [7 + len(word) for word in words]
-            mask += [int(turn["role"] == "assistant")] * len(words)
-        return ids, mask
 
 
 def write_records(path: Path, count: int, seed: int) -> str:
@@ -76,8 +58,8 @@ def test_counted_rows_are_the_rows_the_stream_packs_one_epoch_into(tmp_path, pac
     window = 4
     counted = []
     for rank in range(2):
-        epoch = [s for s in RankStream(plan, rank, data, STORE, WordEncoder()).one_pass()]
-        stream = PackedRowStream(plan, rank, data, STORE, WordEncoder(), window_rows=window)
+        epoch = [s for s in RankStream(plan, rank, data, STORE, FakeEncoder()).one_pass()]
+        stream = PackedRowStream(plan, rank, data, STORE, FakeEncoder(), window_rows=window)
         rows_inside, inside_samples = [], 0  # rows of windows made of first-epoch samples only
         while True:
             packed = stream.packed_rows
@@ -90,7 +72,7 @@ def test_counted_rows_are_the_rows_the_stream_packs_one_epoch_into(tmp_path, pac
         rest = pack(
             [(s.input_ids, s.assistant_mask) for s in epoch[inside_samples:]], data.max_seq_len, 0, packing
         )
-        count = count_rows(plan, rank, data, STORE, WordEncoder(), window_rows=window)
+        count = count_rows(plan, rank, data, STORE, FakeEncoder(), window_rows=window)
         assert count == len(rows_inside) + len(rest)
         assert len(rows_inside) > 3 * window  # many windows, not a one-window corner case
         # The inside rows are the epoch's first samples, in the stream's order (nothing skipped).
@@ -110,9 +92,9 @@ def test_an_epoch_of_several_sources_ends_when_the_last_one_has_been_seen_whole(
         write_records(tmp_path / "big", 240, seed=2), write_records(tmp_path / "small", 60, seed=3)
     )
     plan = build_plan(data, STORE, world_size=1, seed=7)
-    lengths = epoch_lengths(plan, 0, data, STORE, WordEncoder())
+    lengths = epoch_lengths(plan, 0, data, STORE, FakeEncoder())
     drawn, last_first_pass = [], 0
-    for sample in RankStream(plan, 0, data, STORE, WordEncoder()):
+    for sample in RankStream(plan, 0, data, STORE, FakeEncoder()):
         if sample.source == 0 and sample.epoch > 0:
             break
         drawn.append(sample)
@@ -142,7 +124,7 @@ def test_a_rank_whose_records_are_all_dropped_is_an_error_before_training(tmp_pa
         count_rows(plan, 0, data, STORE, _LongEncoder())
 
 
-class _LongEncoder(WordEncoder):
+class _LongEncoder(FakeEncoder):
     def encode(self, conversation, tools=None):
         return [9] * 100, [1] * 100
 
@@ -181,11 +163,11 @@ def test_the_count_is_saved_with_the_plan_and_a_restart_reads_it(tmp_path, monke
     plan = claim_run(job, 1, print).plan
     notices: list[str] = []
     settings = {"data.max_seq_len": 256}
-    steps = resolve_steps(job, plan, WordEncoder(), settings, notices.append)
+    steps = resolve_steps(job, plan, FakeEncoder(), settings, notices.append)
     run = run_dir_of(job)
     saved = json.loads((out / "epochs.json").read_text())
     assert saved["plan"] == plan.id and saved["rows_per_rank"] == [
-        count_rows(plan, 0, job.data, job.storage, WordEncoder(), keep=_train_filter(job))
+        count_rows(plan, 0, job.data, job.storage, FakeEncoder(), keep=_train_filter(job))
     ]
     assert steps.max_steps == saved["rows_per_rank"][0] // 4 and planned_steps(job) == steps.max_steps
     assert [e["event"] for e in read_jsonl(run.events)] == ["epochs_counted"]
@@ -196,12 +178,12 @@ def test_the_count_is_saved_with_the_plan_and_a_restart_reads_it(tmp_path, monke
 
     monkeypatch.setattr("sft_cluster.data.epochs.count_rows", no_counting)
     before = (out / "epochs.json").stat().st_mtime_ns
-    again = resolve_steps(_epochs_job(out, "train.epochs=2"), plan, WordEncoder(), settings, notices.append)
+    again = resolve_steps(_epochs_job(out, "train.epochs=2"), plan, FakeEncoder(), settings, notices.append)
     assert again.max_steps == saved["rows_per_rank"][0] * 2 // 4  # more epochs: the same rows, more steps
     assert (out / "epochs.json").stat().st_mtime_ns == before
     assert "not counting again" in notices[-1]
     with pytest.raises(AssertionError, match="counted again"):  # other settings: the count is stale
-        resolve_steps(job, plan, WordEncoder(), {"data.max_seq_len": 128}, notices.append)
+        resolve_steps(job, plan, FakeEncoder(), {"data.max_seq_len": 128}, notices.append)
     assert resolve_steps(load_job(REPO / "jobs" / "smoke.yaml"), plan, None, {}, print) == TrainSteps(150)
 
 
@@ -215,7 +197,7 @@ def test_a_run_at_its_counted_last_step_is_complete(tmp_path):
     out = tmp_path / "run"
     job = _epochs_job(out)
     plan = claim_run(job, 1, print).plan
-    steps = resolve_steps(job, plan, WordEncoder(), {}, print)
+    steps = resolve_steps(job, plan, FakeEncoder(), {}, print)
     local = tmp_path / "staged"
     local.mkdir()
     (local / "model.safetensors").write_bytes(b"m")
