@@ -111,14 +111,14 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     from sft_cluster.data.epochs import count_rows
     from sft_cluster.data.evalset import train_filter
     from sft_cluster.train.steps import resolve_steps
-    from tests.unit.test_epochs import WordEncoder
+    from tests.unit.test_data_plan import FakeEncoder
 
     epochs = load_job(job_yaml, [f"output_uri={tmp / 'claimed'}", "train.max_steps=null", "train.epochs=1"])
-    first = resolve_steps(epochs, claimed, WordEncoder(), {}, lambda message: None)
-    again = resolve_steps(epochs, claimed, WordEncoder(), {}, lambda message: None)
+    first = resolve_steps(epochs, claimed, FakeEncoder(), {}, lambda message: None)
+    again = resolve_steps(epochs, claimed, FakeEncoder(), {}, lambda message: None)
     out["epoch_steps"] = [[first.max_steps, first.steps_per_epoch], [again.max_steps, again.steps_per_epoch]]
     keep = train_filter(epochs.data)
-    out["own_rows"] = count_rows(claimed, rank, epochs.data, epochs.storage, WordEncoder(), keep=keep)
+    out["own_rows"] = count_rows(claimed, rank, epochs.data, epochs.storage, FakeEncoder(), keep=keep)
     return out
 
 
