@@ -35,21 +35,14 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Pat
     )
 
 
+TORCHRUN_DRIVER = [sys.executable, "-m", "sft_cluster.driver", "--executor=torchrun"]
+
+
 def run_torchrun(job_yaml: Path, env: dict[str, str], *overrides: str, nproc: int = 2):
-    """The worker program under torchrun, through the wrapper the Slurm torchrun template uses
-    (plain torchrun plus exit codes 75 and 2 passed through)."""
+    """The driver with its torchrun executor, as the Slurm torchrun template starts it on each node
+    (one node here): it prepares the run, runs torchrun's agent in-process, writes the summary."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sft_cluster.launch.slurm_torchrun",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "sft_cluster.train",
-            str(job_yaml),
-            *overrides,
-        ],
+        [*TORCHRUN_DRIVER, str(job_yaml), *overrides, f"--nproc-per-node={nproc}"],
         cwd=REPO,
         env={**env, "OMP_NUM_THREADS": "1"},
         capture_output=True,

@@ -1,21 +1,4 @@
-"""The run directory: the files other tools read after (and during) a run.
-
-Layout under ``output_uri``::
-
-    job.yaml         the resolved job, overrides applied
-    run.json         the run that owns the directory, and what its data cursors depend on
-    plan.json        the data plan every restart and resume reads
-    epochs.json      train.epochs: the rows of one epoch per rank, counted once for the plan
-    control/stop     a stop request (``sft-cluster stop``) the driver polls
-    metrics.jsonl    one JSON object per logged step
-    events.jsonl     what happened to the run: resumes (with the step), preemptions
-    checkpoints/     step-NNNNNNNN/ folders, committed ones carry COMMITTED
-    summary.json     outcome of the run
-    loss.png         the loss curve
-    final/           Hugging Face model + tokenizer
-    workers/         one JSON per rank: topology and what that rank saw
-    tensorboard/     event files when ``tracking`` includes tensorboard
-"""
+"""The run directory (``rundir.RunDir`` names its layout) and the files tools read after a run."""
 
 from sft_cluster.tracking.metrics import JsonlLog, read_jsonl
 from sft_cluster.tracking.plot import plot_loss

@@ -1,4 +1,24 @@
-"""Names of the files in a run directory, in one place."""
+"""The run directory: every path in it is named here, and read or written through ``RunDir``.
+
+Layout under ``output_uri``::
+
+    job.yaml         the resolved job, overrides applied (what ``sft-cluster resume`` reads)
+    run.json         the run that owns the directory, and what its data cursors depend on
+    plan.json        the data plan every restart and resume reads
+    epochs.json      train.epochs: the rows of one epoch per rank, counted once for the plan
+    strategy.json    the generated accelerate/DeepSpeed settings, for the record
+    control/stop     a stop request (``sft-cluster stop``) the driver polls
+    metrics.jsonl    one JSON object per logged step
+    events.jsonl     what happened to the run: resumes (with the step), evaluations
+    checkpoints/     step-NNNNNNNN/ folders, committed ones carry COMMITTED (``CheckpointStore``)
+    summary.json     outcome of the run
+    loss.png         the loss curve
+    final/           Hugging Face model + tokenizer
+    workers/         one JSON per rank: topology and what that rank saw
+    tensorboard/     event files when ``tracking`` includes tensorboard
+    ray-train/       Ray Train's own storage_path (Ray executor)
+    slurm/           the sbatch script, its job.yaml, logs and stop requests (a local output_uri)
+"""
 
 from __future__ import annotations
 
@@ -74,8 +94,26 @@ class RunDir:
     def tensorboard(self) -> str:
         return storage.join(self.uri, "tensorboard")
 
+    @property
+    def checkpoints(self) -> str:
+        return storage.join(self.uri, "checkpoints")
+
+    @property
+    def ray_train(self) -> str:
+        """Ray Train's ``storage_path``: where every node reaches the run, unlike a node's /tmp."""
+        return storage.join(self.uri, "ray-train")
+
+    @property
+    def slurm(self) -> str:
+        """The Slurm launcher's folder (a local output_uri): script, job YAML, logs, stop requests."""
+        return storage.join(self.uri, "slurm")
+
+    @property
+    def workers(self) -> str:
+        return storage.join(self.uri, "workers")
+
     def worker_report(self, rank: int) -> str:
-        return storage.join(self.uri, "workers", f"rank-{rank:05d}.json")
+        return storage.join(self.workers, f"rank-{rank:05d}.json")
 
     def write_json(self, uri: str, data: dict[str, Any]) -> None:
         storage.write_text(uri, json.dumps(data, indent=2, sort_keys=True) + "\n", self.options)
@@ -83,9 +121,15 @@ class RunDir:
     def read_json(self, uri: str) -> dict[str, Any]:
         return json.loads(storage.read_text(uri, self.options))
 
+    def clear_worker_reports(self) -> None:
+        """Reports of an earlier attempt must not speak for this one."""
+        fs, path = storage.filesystem(self.workers, self.options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
     def worker_reports(self) -> list[dict[str, Any]]:
         """Every rank's report, ordered by rank."""
-        fs, path = storage.filesystem(storage.join(self.uri, "workers"), self.options)
+        fs, path = storage.filesystem(self.workers, self.options)
         if not fs.exists(path):
             return []
         files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))

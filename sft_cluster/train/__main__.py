@@ -1,7 +1,8 @@
-"""Run the worker program without Ray: ``torchrun ... -m sft_cluster.train JOB_YAML``.
+"""The worker program under torchrun: ``python -m sft_cluster.train RESOLVED_JOB_YAML``.
 
-Rank 0 also writes ``summary.json`` and ``loss.png`` at the end, since no
-driver is there to do it.
+Started by the driver's torchrun executor (``sft_cluster.driver.torchrun``), which prepared the
+run before and finishes it after; this only trains one rank and exits 0, 75 (stopped for
+preemption after a commit) or 2 (a mistake in the job's data, explained on stderr).
 """
 
 from __future__ import annotations
@@ -9,52 +10,40 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 import torch.distributed as dist
 
 from sft_cluster import exitcodes
 from sft_cluster.data import DataError
-from sft_cluster.spec import SpecError, load_job
-from sft_cluster.tracking import finalize_run, run_dir_of
-from sft_cluster.train.runstart import RunComplete, RunRefused
+from sft_cluster.spec import JobSpec, SpecError, load_job
 from sft_cluster.train.worker import run_worker
+
+
+def work(job: JobSpec) -> int:
+    """Train this rank of ``job``; the process exit code."""
+    try:
+        report = run_worker(job)
+    except DataError as exc:  # the user's data or plan: say what, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.USER_ERROR
+    return exitcodes.PREEMPTED if report["preempted"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_cluster.train")
-    parser.add_argument("job", help="resolved job file (YAML)")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides")
+    parser.add_argument("job", help="the job file the driver resolved")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        job = load_job(args.job, args.overrides)
+        job = load_job(args.job)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return exitcodes.USER_ERROR
-    started_at = time.time()
     try:
-        report = run_worker(job)
-    except (DataError, RunRefused) as exc:  # the user's data, plan or run directory: say what, exit 2
-        print(f"error: {exc}", file=sys.stderr)
-        return exitcodes.USER_ERROR
-    except RunComplete as exc:
-        print(exc, file=sys.stderr)
-        return 0
+        return work(job)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    status = "preempted" if report["preempted"] else "completed"
-    if report["rank"] == 0:
-        run = run_dir_of(job)
-        finalize_run(
-            run,
-            name=job.name,
-            status=status,
-            started_at=started_at,
-            extra={"strategy": job.strategy.kind, "launcher": "torchrun"},
-        )
-    return exitcodes.for_status(status)
 
 
 if __name__ == "__main__":

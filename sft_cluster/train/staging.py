@@ -18,14 +18,21 @@ from pathlib import Path
 
 PREFIX = "sftc-stage-"
 _OWNER = ".owner-pid"
-# Set by the Ray driver in each worker: its Ray node. Nodes of one host (test clusters,
-# containers) share /tmp, so the node, not the host, names a node's shared folder.
+# Set by the executor in each worker. Nodes of one host (test clusters, containers) share /tmp,
+# so the node, not the host, names a node's shared folder: the Ray node id (Ray executor), and the
+# node's name as its launcher knows it (a Slurm template sets it from SLURMD_NODENAME).
 NODE_ENV = "SFT_CLUSTER_NODE_ID"
+NODE_NAME_ENV = "SFT_CLUSTER_NODE_NAME"
+
+
+def node_name() -> str:
+    """This process's node as people name it: the launcher's node name, else the host name."""
+    return os.environ.get(NODE_NAME_ENV) or socket.gethostname()
 
 
 def node_key() -> str:
-    """This process's node: the Ray node, else Slurm's node name, else the host name."""
-    return os.environ.get(NODE_ENV) or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    """This process's node: the Ray node, else the launcher's node name, else the host name."""
+    return os.environ.get(NODE_ENV) or node_name()
 
 
 def _root() -> Path:

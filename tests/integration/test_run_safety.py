@@ -13,14 +13,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, isolated_environment, max_weight_diff, run_cli, run_torchrun
+from tests.conftest import REPO, TORCHRUN_DRIVER, isolated_environment, max_weight_diff, run_cli, run_torchrun
 
 STEPS = 20
 JOB = [
@@ -158,17 +157,7 @@ def test_restart_with_nothing_to_resume_logs_each_step_once_and_sweeps_staging(e
     out = tmp_path / "killed-early"
     job = [*JOB, "checkpoint.every_n_steps=15", f"output_uri={out}"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sft_cluster.launch.slurm_torchrun",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "sft_cluster.train",
-            str(SMOKE),
-            *job,
-        ],
+        [*TORCHRUN_DRIVER, str(SMOKE), *job, "--nproc-per-node=2"],
         cwd=REPO,
         env={**env, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 
-from tests.conftest import REPO, isolated_environment, run_cli, run_torchrun
+from tests.conftest import REPO, TORCHRUN_DRIVER, isolated_environment, run_cli, run_torchrun
 from tests.fixtures.s3 import s3_server  # noqa: F401 - fixture
 
 
@@ -103,9 +102,8 @@ def test_metrics_are_durable_to_the_last_commit_and_each_rank_fetches_only_its_s
         "train.max_steps=40",
         "tracking=none",
     ]
-    torchrun = [sys.executable, "-m", "sft_cluster.launch.slurm_torchrun", "--nproc_per_node", "2"]
     proc = subprocess.Popen(
-        [*torchrun, "-m", "sft_cluster.train", str(REPO / "jobs" / "smoke.yaml"), *job],
+        [*TORCHRUN_DRIVER, str(REPO / "jobs" / "smoke.yaml"), *job, "--nproc-per-node=2"],
         cwd=REPO,
         env={**env, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,

@@ -15,10 +15,10 @@ from sft_cluster.data import DataError, build_plan
 from sft_cluster.data.epochs import count_rows, epoch_lengths, rows_of
 from sft_cluster.data.packing import pack
 from sft_cluster.data.stream import PackedRowStream, RankStream
+from sft_cluster.driver.claim import RunComplete, check_start, claim_run
 from sft_cluster.spec import DataSpec, StorageSpec, load_job
 from sft_cluster.tracking import read_jsonl, run_dir_of
 from sft_cluster.train import steps as steps_module
-from sft_cluster.train.runstart import RunComplete, check_start, claim_run
 from sft_cluster.train.steps import TrainSteps, epoch_steps, planned_steps, resolve_steps, steps_from_rows
 from tests.unit.test_data_plan import FakeEncoder
 

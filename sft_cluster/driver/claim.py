@@ -1,6 +1,6 @@
-"""What a start of a run may do in its run directory, decided once before any worker trains.
+"""What a start of a run may do in its run directory, decided once by the driver before any worker starts.
 
-The driver (rank 0 under torchrun) claims the run directory:
+The driver claims the run directory:
 
 - a new run never mixes with an earlier run's checkpoints: ``checkpoint.resume: never``
   over a directory holding another run's commits is refused (exit 2), nothing written;
@@ -15,7 +15,6 @@ The driver (rank 0 under torchrun) claims the run directory:
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import time
 import uuid
@@ -25,13 +24,11 @@ from typing import Any
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import DataError, ShardPlan
+from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
-from sft_cluster.train.dataplan import ensure_plan
+from sft_cluster.train.settings import TEMPLATE_KEY, cursor_settings, template_fingerprint
 from sft_cluster.train.steps import planned_steps, target_text
-
-TEMPLATE_KEY = "chat template"
 
 
 class RunRefused(Exception):
@@ -58,24 +55,6 @@ def current_run_id() -> str:
 @functools.cache
 def _process_run_id() -> str:
     return f"run-{uuid.uuid4().hex[:12]}"
-
-
-def template_fingerprint(template: str) -> str:
-    """A short hash of the chat template samples are tokenized with (the text that decides every token)."""
-    return hashlib.sha256(template.encode()).hexdigest()[:16]
-
-
-def cursor_settings(job: JobSpec, fingerprint: str) -> dict[str, Any]:
-    """Everything a saved data cursor means something only with (written into each manifest)."""
-    return {
-        "data.max_seq_len": job.data.max_seq_len,
-        "data.packing": job.data.packing,
-        "data.truncation": job.data.truncation,
-        "data.eval_fraction": job.data.eval_fraction,
-        "train.micro_batch_size": job.train.micro_batch_size,
-        "train.grad_accum_steps": job.train.grad_accum_steps,
-        TEMPLATE_KEY: fingerprint,
-    }
 
 
 def _owner(run: RunDir) -> dict[str, Any]:
@@ -189,6 +168,41 @@ def check_trainable(job: JobSpec) -> None:
     problems = untrained_sources(job.data, job.storage, load_chat(job))
     if problems:
         raise DataError("; ".join(problems))
+
+
+def _fits(plan: ShardPlan, job: JobSpec, world_size: int) -> list[str]:
+    """Why ``plan`` cannot serve this job (empty: it can)."""
+    problems = []
+    if plan.world_size != world_size:
+        problems.append(
+            f"the run was planned for {plan.world_size} ranks, this one has {world_size} "
+            f"(set resources.num_workers={plan.world_size})"
+        )
+    if plan.seed != job.train.seed:
+        problems.append(f"the run was planned with train.seed={plan.seed}, not {job.train.seed}")
+    planned, named = [s.uri for s in plan.sources], [s.uri for s in job.data.sources]
+    if planned != named:
+        problems.append(f"the run was planned for data sources {planned}, the job names {named}")
+    return problems
+
+
+def ensure_plan(job: JobSpec, world_size: int, notify: Callable[[str], None], resuming: bool) -> ShardPlan:
+    """The plan of this run: the saved one when resuming (warning if the listing changed), else a new one."""
+    run = run_dir_of(job)
+    if resuming and storage.exists(run.plan, run.options):
+        plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
+        problems = _fits(plan, job, world_size)
+        if problems:
+            raise DataError(
+                "this run has committed checkpoints whose data cursors belong to its saved data plan "
+                f"({run.plan}), but " + "; ".join(problems) + " (or use a new output_uri to start over)"
+            )
+        for change in plan_changes(plan, list_sources(job.data, job.storage)):
+            notify(f"warning: {change}")
+        return plan
+    plan = build_plan(job.data, job.storage, world_size, job.train.seed)
+    storage.write_text(run.plan, plan.to_json(), run.options)
+    return plan
 
 
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from sft_cluster.checkpoint import CheckpointStore, Manifest, hash_local_dir
+from sft_cluster.driver.claim import RunComplete, RunRefused, check_start, claim_run
 from sft_cluster.spec import load_job
 from sft_cluster.tracking import RUN_ID_ENV, run_dir_of
-from sft_cluster.train.runstart import RunComplete, RunRefused, check_start, claim_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,14 +64,17 @@ def test_a_local_output_uri_is_refused_when_several_nodes_can_run_workers(tmp_pa
     assert (out / "run.json").exists() and (tmp_path / "one-node" / "run.json").exists()
 
 
-def test_torchrun_on_several_nodes_refuses_a_local_output_uri(tmp_path, monkeypatch):
-    """Rank 0's claim under torchrun counts nodes by GROUP_WORLD_SIZE (one agent per node)."""
-    from types import SimpleNamespace
+def test_torchrun_on_several_nodes_refuses_a_local_output_uri(tmp_path):
+    """The torchrun executor's claim counts its nodes (one agent per node): nothing is written."""
+    from rich.console import Console
 
-    from sft_cluster.train.worker import _claimed_plan
+    from sft_cluster.driver.run import drive
+    from sft_cluster.driver.torchrun import TorchrunExecutor
 
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
-    sink = SimpleNamespace(emit=lambda event: None)
-    with pytest.raises(RunRefused, match="2 nodes can run this job's workers"):
-        _claimed_plan(_job(tmp_path / "run"), 0, 1, True, sink)
+    executor = TorchrunExecutor(tmp_path / "job.yaml", 2, 1, "127.0.0.1:1", "test")
+    console = Console(record=True, width=400)
+    summary = drive(_job(tmp_path / "run"), executor, console)
+    assert summary["status"] == "rejected"
+    assert "2 nodes can run this job's workers" in console.export_text()
+    assert executor.exit_code is None  # no agent was started
     assert not (tmp_path / "run").exists()

@@ -1,0 +1,255 @@
+"""The Ray Train executor: the workers are a Ray Train worker group on the connected cluster.
+
+It runs in-process for ``sft-cluster run`` (after the local backend started an embedded
+Ray) and under ``python -m sft_cluster.driver`` as a Ray Job or in a Slurm allocation. A
+progress channel carries the workers' events to the display and stop requests back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
+
+from sft_cluster import storage
+from sft_cluster.console import ProgressDisplay
+from sft_cluster.driver.run import Outcome, Prepared, drive
+from sft_cluster.driver.stopfile import StopFile
+from sft_cluster.spec import JobSpec
+from sft_cluster.tracking import RunDir
+from sft_cluster.train.steps import planned_steps
+
+# Worker processes keep the driver's working directory (relative paths in the job file).
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+
+@ray.remote(num_cpus=0)
+class ProgressChannel:
+    """Worker events up to the driver, a stop request down to the workers.
+
+    Workers push with fire-and-forget calls, so a step never waits on it.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._stop = False
+
+    def push(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+
+    def drain(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+class ChannelSink:
+    """The worker-side end of ``ProgressChannel``.
+
+    A daemon thread polls for a stop request every few seconds and turns it
+    into the same flag a preemption signal sets.
+    """
+
+    def __init__(self, channel: Any, poll_seconds: float = 2.0):
+        from sft_cluster.train import signals
+
+        self.channel = channel
+
+        def poll() -> None:
+            while not signals.STOP_REQUESTED.is_set():
+                with contextlib.suppress(Exception):
+                    if ray.get(channel.stop_requested.remote(), timeout=30):
+                        signals.STOP_REQUESTED.set()
+                time.sleep(poll_seconds)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.channel.push.remote(event)
+
+
+class RestartNotice(UserCallback):
+    """Runs in Ray Train's controller: tells the driver which rank failed."""
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, exc in sorted(worker_exceptions.items()):
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else type(exc).__name__
+            self.channel.push.remote({"kind": "worker_failed", "rank": rank, "reason": reason[:200]})
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    from sft_cluster.train import run_worker
+    from sft_cluster.train.staging import NODE_ENV
+
+    os.environ[NODE_ENV] = ray.get_runtime_context().get_node_id()
+    job = JobSpec.model_validate(config["job"])
+    run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"])
+
+
+@contextlib.contextmanager
+def _stop_requests_to(channel: Any, job: JobSpec) -> Iterator[None]:
+    """While training, the job's preemption signals to the driver become a stop request.
+
+    The workers then checkpoint at the next step and end; the driver exits
+    with ``exitcodes.PREEMPTED``. Outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = job.checkpoint.preemption_signals
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+
+    def handler(signum: int, frame: object) -> None:
+        channel.request_stop.remote()
+
+    for name in names:
+        signal.signal(getattr(signal, name), handler)
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
+def _follow(channel: Any, display: ProgressDisplay, stop: threading.Event, stop_file: StopFile) -> None:
+    asked = False
+    while not stop.is_set():
+        with contextlib.suppress(ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            display.handle(ray.get(channel.drain.remote(), timeout=10))
+        if not asked and stop_file.requested():
+            asked = True
+            display.handle(
+                [{"kind": "notice", "message": "stop requested (sft-cluster stop): checkpointing"}]
+            )
+            channel.request_stop.remote()
+        stop.wait(0.25)
+    display.handle(ray.get(channel.drain.remote()))
+
+
+def describe_failure(exc: Exception) -> tuple[str, str]:
+    """(one line for the summary, the full text for the console) of a failed run."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, failure = min(failures.items())
+        text = str(failure).strip()
+        lines = [line for line in text.splitlines() if line.strip()]
+        return f"rank {rank}: {lines[-1].strip() if lines else type(failure).__name__}", text
+    text = str(exc).strip()
+    return (text.splitlines()[-1] if text else type(exc).__name__), text
+
+
+def worker_nodes(per_worker: dict[str, float]) -> int:
+    """How many alive nodes of the cluster could run one of this job's workers."""
+    return sum(
+        1
+        for node in ray.nodes()
+        if node["Alive"]
+        and all(node["Resources"].get(name, 0) >= amount for name, amount in per_worker.items())
+    )
+
+
+def ray_train_storage(run: RunDir) -> dict[str, Any]:
+    """Ray Train's own ``storage_path`` (and filesystem): under the run directory, so every node
+    reaches it as it reaches the run (raylets of one machine share /tmp; a cluster's nodes do not)."""
+    uri = run.ray_train
+    if storage.is_local(uri):
+        return {"storage_path": str(storage.local_path(uri))}
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri, run.options)
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
+class RayTrainExecutor:
+    """A Ray Train worker group of ``resources.num_workers`` on the cluster this process is connected to."""
+
+    name = "ray"
+
+    def __init__(self, verify_fast: bool = False):
+        self.verify_fast = verify_fast
+
+    @staticmethod
+    def _per_worker(job: JobSpec) -> dict[str, float]:
+        per_worker = {"CPU": job.resources.cpus_per_worker}
+        if job.resources.gpus_per_worker > 0:
+            per_worker["GPU"] = job.resources.gpus_per_worker
+        return per_worker
+
+    def world(self, job: JobSpec) -> tuple[int, int]:
+        return job.resources.num_workers, worker_nodes(self._per_worker(job))
+
+    def execute(self, prepared: Prepared, console: Console) -> Outcome:
+        job, run = prepared.job, prepared.run
+        use_gpu = job.resources.gpus_per_worker > 0
+        # On the driver's node: a 0-CPU actor may land on any node, and one that is lost would take
+        # the progress display and stop requests with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        channel = ProgressChannel.options(scheduling_strategy=here).remote()
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config={
+                "job": job.model_dump(mode="json"),
+                "channel": channel,
+                "verify_fast": self.verify_fast,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=job.resources.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker=self._per_worker(job),
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                # Unique per attempt: Ray Train would treat a reused name as its own resume.
+                name=f"{job.name}-{uuid.uuid4().hex[:8]}",
+                **ray_train_storage(run),
+                failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+                callbacks=[RestartNotice(channel)],
+            ),
+        )
+        outcome = Outcome("failed")
+        stop = threading.Event()
+        # train.epochs: the workers count the steps; the display takes them from their step events.
+        with ProgressDisplay(console, planned_steps(job)) as display, _stop_requests_to(channel, job):
+            follower = threading.Thread(
+                target=_follow, args=(channel, display, stop, prepared.stop_file), daemon=True
+            )
+            follower.start()
+            try:
+                trainer.fit()
+                preempted = any(r.get("preempted") for r in run.worker_reports())
+                outcome = Outcome("preempted" if preempted else "completed")
+            except ray.train.TrainingFailedError as exc:
+                error, details = describe_failure(exc)
+                console.print(details, style="dim", highlight=False, markup=False)
+                outcome = Outcome("failed", error)
+            finally:
+                stop.set()
+                follower.join(timeout=15)
+        return outcome
+
+
+def run_training(
+    job: JobSpec, console: Console, started_at: float | None = None, verify_fast: bool = False
+) -> dict[str, Any]:
+    """Train ``job`` on the Ray cluster this process is connected to; returns the summary."""
+    return drive(job, RayTrainExecutor(verify_fast), console, started_at)
