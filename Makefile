@@ -32,10 +32,12 @@ run: $(STAMP)
 
 test: $(STAMP) slurm-services
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --cache-dir .cache/import_linter
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports --cache-dir .cache/import_linter
 
 # A real single-node (+ fake two-node) Slurm for tests/integration/test_slurm.py: installs
 # slurm-wlm + munge with apt when missing (root), starts munged/slurmctld/slurmd; idempotent.

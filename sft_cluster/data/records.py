@@ -258,11 +258,6 @@ def _shape(record: Any, columns: dict[str, str]) -> Conversation:
     return conversation
 
 
-def normalise(record: Any, columns: dict[str, str], where: str) -> Conversation:
-    """Any supported record shape as a list of chat messages."""
-    return to_conversation(record, columns, lambda: where)
-
-
 def to_conversation(payload: Any, columns: dict[str, str], locate: Callable[[], str]) -> Conversation:
     """A raw record from ``iter_raw`` (JSONL line, parsed record or DataError) as chat messages.
 
