@@ -88,7 +88,8 @@ def stall(server, tmp: Path, model: Path, asynchronous: bool) -> tuple[float, fl
         [
             sys.executable,
             "-m",
-            "sft_cluster.train",
+            "sft_cluster.driver",
+            "--executor=torchrun",
             "jobs/smoke.yaml",
             f"model.name_or_path={model}",
             f"output_uri=s3://{bucket}/run",

@@ -156,8 +156,8 @@ def run_strategy(name: str, args: argparse.Namespace, model: Path, data: Path, r
     job_file = root / f"{name}.yaml"
     job_file.write_text(yaml.safe_dump(job))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
-    cmd += ["-m", "sft_cluster.train", str(job_file)]
+    cmd = [sys.executable, "-m", "sft_cluster.driver", str(job_file), "--executor=torchrun"]
+    cmd += [f"--nproc-per-node={args.nproc}"]
     log = root / f"{name}.log"
     with log.open("w") as handle:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)

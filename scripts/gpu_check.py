@@ -130,7 +130,8 @@ def wheels_command() -> int:
 
 
 def worker_command(argv: list[str]) -> int:
-    """Under torchrun: the worker program with deterministic kernels, and a note of what it used."""
+    """Under torchrun (``scripts/gpu_check_worker.py``): the worker program with deterministic
+    kernels, and a note of what it used."""
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -175,8 +176,9 @@ def start_run(name: str, out: Path, dry: bool, threads: int, plan: bool) -> subp
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     if plan:
         env[WHEEL_PLAN_ENV] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    cmd += [str(Path(__file__).resolve()), "worker", str(REPO / "jobs" / "smoke.yaml"), *overrides]
+    # The driver (prepare, torchrun's agent, finish) around this check's wrapper of the worker.
+    cmd = [sys.executable, "-m", "sft_cluster.driver", str(REPO / "jobs" / "smoke.yaml"), *overrides]
+    cmd += ["--executor=torchrun", "--nproc-per-node=1", "--worker-module=scripts.gpu_check_worker"]
     with Path(f"{out}.log").open("w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -386,12 +388,7 @@ def main() -> int:
     run.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all (dry: ddp lora)")
     run.add_argument("--skip-bench", action="store_true")
     sub.add_parser("wheels", help="what the GPU image lacks: 'name version kind' lines")
-    sub.add_parser("worker", help="under torchrun: JOB_YAML [KEY=VALUE ...]", add_help=False)
-    args, rest = parser.parse_known_args()
-    if args.command == "worker":
-        return worker_command(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args()
     return run_command(args) if args.command == "run" else wheels_command()
 
 

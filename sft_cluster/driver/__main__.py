@@ -32,6 +32,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     torchrun.add_argument("--rdzv-endpoint", help="HOST:PORT of the first node (default: standalone)")
     torchrun.add_argument("--rdzv-id", default="sft-cluster")
     torchrun.add_argument("--ignore-signal", metavar="SIG", help="the preemption signal, left to the workers")
+    torchrun.add_argument(
+        "--worker-module",
+        default="sft_cluster.train",
+        help="the worker program, run as -m MODULE JOB_YAML (the GPU check wraps the default one)",
+    )
     args = parser.parse_args(argv)
     if not (args.job or args.job_env):
         parser.error("give JOB_YAML or --job-env VAR")

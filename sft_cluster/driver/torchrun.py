@@ -109,9 +109,11 @@ class TorchrunExecutor:
         rdzv_endpoint: str | None,
         rdzv_id: str,
         word: NodeWord | None = None,
+        worker_module: str = "sft_cluster.train",
     ):
         self.job_file = job_file
         self.word = word
+        self.worker_module = worker_module
         self.nnodes = nnodes
         self.nproc_per_node = nproc_per_node
         self.rdzv_endpoint = rdzv_endpoint
@@ -133,7 +135,7 @@ class TorchrunExecutor:
             *where,
             "--max-restarts=0",
             "-m",
-            "sft_cluster.train",
+            self.worker_module,
             str(self.job_file),
         ]
 
