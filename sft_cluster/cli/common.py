@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +19,9 @@ from sft_cluster.spec import (
     validate_pair,
 )
 
+if TYPE_CHECKING:
+    from sft_cluster.launch import Request
+
 console = Console()
 errors = Console(stderr=True)
 
@@ -32,7 +34,7 @@ ClusterOpt = Annotated[
 ]
 
 
-def fail(lines: list[str]) -> None:
+def fail(lines: list[str]) -> NoReturn:
     for line in lines:
         errors.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(exitcodes.USER_ERROR)
@@ -55,13 +57,14 @@ def load_checked(
     return job, cluster
 
 
-def strategy_json(job: JobSpec) -> str:
-    """The generated accelerate/DeepSpeed settings, as the run will write them to strategy.json."""
-    from sft_cluster.train.strategy import describe_strategy
-
-    return "# strategy.json (generated from the job's strategy section)\n" + json.dumps(
-        describe_strategy(job), indent=2, sort_keys=True
-    )
+def show(request: Request) -> None:
+    """A dry run: print the request as its backend renders it, each part on its stream."""
+    for part in request.dry_run():
+        out = errors if part.stderr else console
+        if part.verbatim:
+            out.print(part.text, highlight=False, markup=False, soft_wrap=True)
+        else:
+            out.print(part.text, highlight=False)
 
 
 def check_data(job_path: Path, job: JobSpec) -> None:
@@ -81,7 +84,7 @@ def check_start_or_exit(job: JobSpec) -> None:
     """Refuse, before any cluster starts, a start that would mix with or repeat another run,
     or that would train nothing (a chat template without an assistant mask, untrained sources)."""
     from sft_cluster.data import DataError
-    from sft_cluster.train.runstart import RunComplete, RunRefused, check_start, check_trainable
+    from sft_cluster.driver.claim import RunComplete, RunRefused, check_start, check_trainable
 
     try:
         check_start(job)

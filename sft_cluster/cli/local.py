@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -20,13 +20,9 @@ from sft_cluster.cli.common import (
     console,
     fail,
     load_checked,
-    strategy_json,
+    show,
 )
-from sft_cluster.spec import (
-    SpecError,
-    dump_job_yaml,
-    load_cluster,
-)
+from sft_cluster.spec import SpecError, load_cluster
 
 
 @app.command()
@@ -34,11 +30,11 @@ def validate(
     job_path: JobArg,
     overrides: OverridesArg = None,
     cluster: ClusterOpt = None,
-    check_data: Annotated[bool, typer.Option("--check-data", help="Also list remote data sources.")] = False,
+    with_data: Annotated[bool, typer.Option("--check-data", help="Also list remote data sources.")] = False,
 ) -> None:
     """Check a job (and cluster) file; print every problem with its field and fix."""
     job, _ = load_checked(job_path, overrides, cluster)
-    if check_data:
+    if with_data:
         check_data(job_path, job)
     console.print(f"[green]ok[/green] {job_path}: job '{job.name}' is valid")
 
@@ -61,26 +57,24 @@ def _run_here(
     dry_run: bool,
     verify_fast: bool = False,
 ) -> None:
-    from sft_cluster.launch.local import anchor_local_paths, describe_local, run_local
-    from sft_cluster.spec import LocalCluster
+    from sft_cluster.launch import get_backend
 
     job, cluster_spec = load_checked(job_path, overrides, cluster)
-    if not isinstance(cluster_spec, LocalCluster):
+    if cluster_spec.kind != "local":
         fail(
             [
                 f"{cluster}: 'run' needs a cluster of kind 'local', got '{cluster_spec.kind}' "
                 "(use 'submit' for Ray or 'sbatch' for Slurm)"
             ]
         )
-    job = anchor_local_paths(job)
-    check_data(job_path, job)
-    check_start_or_exit(job)
+    backend = get_backend(cluster_spec, str(cluster or "local"))
+    request = replace(backend.plan(job), verify_fast=verify_fast)
+    check_data(job_path, request.job)
+    check_start_or_exit(request.job)
     if dry_run:
-        console.print(dump_job_yaml(job), highlight=False)
-        console.print(json.dumps(describe_local(job, cluster_spec), indent=2), highlight=False)
-        console.print(strategy_json(job), highlight=False)
+        show(request)
         return
-    summary = run_local(job, cluster_spec, console, verify_fast=verify_fast)
+    summary = backend.launch(request).extra["summary"]
     if summary["status"] != "rejected":  # a refusal was printed, and nothing ran
         _print_summary(summary)
     raise typer.Exit(exitcodes.for_status(summary["status"]))

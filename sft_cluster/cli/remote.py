@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -19,17 +19,18 @@ from sft_cluster.cli.common import (
     errors,
     fail,
     load_checked,
-    strategy_json,
+    show,
 )
-from sft_cluster.spec import (
-    SpecError,
-    load_cluster,
-)
+from sft_cluster.spec import SpecError, load_cluster
+
+if TYPE_CHECKING:
+    from sft_cluster.launch import Backend, Submission
 
 
 def submit_or_dry_run(
     job_path: Path, overrides: list[str] | None, cluster: Path | None, kind: str, dry_run: bool
-):
+) -> Submission | None:
+    """``submit``/``sbatch``: the submission, remembered here; None for a dry run (printed)."""
     from sft_cluster.launch import LaunchError, get_backend, registry
 
     if cluster is None:
@@ -38,18 +39,18 @@ def submit_or_dry_run(
     if cluster_spec.kind != kind:
         verb = {"ray": "submit", "slurm": "sbatch", "local": "run"}[cluster_spec.kind]
         fail([f"{cluster}: kind is '{cluster_spec.kind}', not '{kind}' (use 'sft-cluster {verb}')"])
+    backend = get_backend(cluster_spec, str(cluster))
     try:
-        outcome = get_backend(cluster_spec, str(cluster)).submit(job, dry_run=dry_run)
+        request = backend.plan(job)
+        if dry_run:
+            show(request)
+            return None
+        submission = backend.launch(request)
     except LaunchError as exc:
         fail([str(exc)])
-    if isinstance(outcome, str):
-        console.print(outcome, highlight=False, markup=False, soft_wrap=True)
-        # On stderr, so the printed script or entrypoint can be piped as it is.
-        errors.print(strategy_json(job), highlight=False)
-        return
-    registry.remember(outcome)
-    console.print(f"submitted [bold]{outcome.id}[/bold]  output_uri: {outcome.output_uri}")
-    return outcome
+    registry.remember(submission)
+    console.print(f"submitted [bold]{submission.id}[/bold]  output_uri: {submission.output_uri}")
+    return submission
 
 
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would be submitted; submit nothing.")]
@@ -80,7 +81,7 @@ def sbatch(
 IdArg = Annotated[str, typer.Argument(help="Job id printed by submit/sbatch.", show_default=False)]
 
 
-def _backend_for(job_id: str | None, cluster: Path | None):
+def _backend_for(job_id: str | None, cluster: Path | None) -> Backend:
     """The backend that runs ``job_id``: from --cluster, else from the local registry."""
     from sft_cluster.launch import get_backend, registry
 
@@ -95,8 +96,6 @@ def _backend_for(job_id: str | None, cluster: Path | None):
         spec = load_cluster(cluster)
     except SpecError as exc:
         fail(exc.problems)
-    if spec.kind == "local":
-        fail([f"{cluster}: local runs have no job ids; look in the run directory instead"])
     return get_backend(spec, str(cluster))
 
 

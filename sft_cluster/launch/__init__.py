@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from sft_cluster.launch.base import (
-    PREEMPTED_EXIT_CODE,
-    Backend,
-    JobState,
-    LaunchError,
-    Submission,
-)
+from typing import Any
+
+from sft_cluster.launch.base import Backend, JobState, LaunchError, Printed, Request, Submission
 from sft_cluster.spec import ClusterSpec
 
 
-def get_backend(cluster: ClusterSpec, cluster_file: str) -> Backend:
-    """The backend for a remote cluster file (``kind: ray`` or ``kind: slurm``)."""
+def get_backend(cluster: ClusterSpec, cluster_file: str) -> Backend[Any]:
+    """The backend for a cluster file's ``kind``: ``local``, ``ray`` or ``slurm``."""
     if cluster.kind == "ray":
         from sft_cluster.launch.ray_jobs import RayJobsBackend
 
@@ -22,14 +18,17 @@ def get_backend(cluster: ClusterSpec, cluster_file: str) -> Backend:
         from sft_cluster.launch.slurm import SlurmBackend
 
         return SlurmBackend(cluster, cluster_file)
-    raise LaunchError(f"cluster kind '{cluster.kind}' has no remote backend; use 'sft-cluster run'")
+    from sft_cluster.launch.local import LocalBackend
+
+    return LocalBackend(cluster, cluster_file)
 
 
 __all__ = [
-    "PREEMPTED_EXIT_CODE",
     "Backend",
     "JobState",
     "LaunchError",
+    "Printed",
+    "Request",
     "Submission",
     "get_backend",
 ]

@@ -1,16 +1,20 @@
-"""What every remote backend offers: submit (with dry run), status, logs, stop, list.
+"""What every backend offers: ``plan`` a job into a request, ``launch`` it, then follow the job.
 
-Modelled on torchx's scheduler API: a dry run is the submission request,
-rendered and printed instead of sent.
+Modelled on torchx's scheduler API, where ``submit`` is ``schedule(submit_dryrun(...))``: a
+backend's ``plan`` builds the whole request (the sbatch script, the Ray Job's entrypoint and
+runtime env, the local plan) without touching anything, so a dry run is that request printed
+and a launch is that request sent. No backend knows whether it is in a dry run.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-from sft_cluster.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE  # noqa: F401 - re-exported
+from sft_cluster import storage
 from sft_cluster.spec import JobSpec
 
 
@@ -20,7 +24,7 @@ class LaunchError(Exception):
 
 @dataclass
 class Submission:
-    """What ``submit``/``sbatch`` returns and the local registry remembers."""
+    """What ``launch`` returns and the local registry remembers."""
 
     id: str
     backend: str
@@ -73,11 +77,41 @@ TERMINAL_STATES = frozenset(
 )
 
 
-class Backend(Protocol):
+@dataclass(frozen=True)
+class Printed:
+    """One part of a dry run: its text and where it goes.
+
+    ``verbatim``: a script or request shown as it would be sent (no markup, no wrapping);
+    ``stderr``: commentary kept off stdout, so the script on stdout can be piped as it is.
+    """
+
+    text: str
+    stderr: bool = False
+    verbatim: bool = False
+
+
+class Request(Protocol):
+    """What a backend would send for a job; printing it is the dry run."""
+
+    @property
+    def job(self) -> JobSpec:
+        """The resolved job, local paths absolute."""
+
+    def dry_run(self) -> list[Printed]:
+        """The request as ``--dry-run`` shows it, secrets left out."""
+
+
+RequestT = TypeVar("RequestT", bound=Request)
+
+
+class Backend(Protocol[RequestT]):
     kind: str
 
-    def submit(self, job: JobSpec, dry_run: bool = False) -> Submission | str:
-        """Submit ``job``; with ``dry_run`` return what would be submitted, as text."""
+    def plan(self, job: JobSpec) -> RequestT:
+        """Everything that would be sent for ``job``; sends, writes and starts nothing."""
+
+    def launch(self, request: RequestT) -> Submission:
+        """Send ``request`` (from ``plan``): submit the job, or run it here."""
 
     def status(self, job_id: str) -> JobState: ...
 
@@ -88,3 +122,38 @@ class Backend(Protocol):
         ``now``: end it at once (work since the last commit is lost). Returns its final state."""
 
     def list(self) -> list[JobState]: ...
+
+
+def strategy_of(job: JobSpec) -> dict[str, Any]:
+    """The accelerate/DeepSpeed settings the run will generate, as it will record them."""
+    from sft_cluster.train.strategy import describe_strategy
+
+    return describe_strategy(job)
+
+
+def strategy_part(strategy: dict[str, Any], stderr: bool) -> Printed:
+    """The dry run's ``strategy.json`` section."""
+    text = "# strategy.json (generated from the job's strategy section)\n"
+    return Printed(text + json.dumps(strategy, indent=2, sort_keys=True), stderr=stderr)
+
+
+def anchor_local_paths(job: JobSpec) -> JobSpec:
+    """Make relative local paths absolute, so workers resolve them like the user did."""
+
+    def anchor(uri: str) -> str:
+        if uri.startswith("builtin:") or not storage.is_local(uri):
+            return uri
+        return str(storage.absolute_path(uri))
+
+    sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.sources]
+    eval_sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.eval]
+    model = job.model
+    if Path(model.name_or_path).exists():
+        model = model.model_copy(update={"name_or_path": anchor(model.name_or_path)})
+    return job.model_copy(
+        update={
+            "output_uri": anchor(job.output_uri),
+            "data": job.data.model_copy(update={"sources": sources, "eval": eval_sources}),
+            "model": model,
+        }
+    )

@@ -1,7 +1,8 @@
-"""The embedded launcher: an in-process Ray cluster that only this run uses."""
+"""The embedded launcher: ``sft-cluster run`` trains in this process, on a Ray cluster only it uses."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -11,13 +12,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 
-from sft_cluster.spec import JobSpec, LocalCluster
-from sft_cluster.train.environment import ray_worker_runtime_env
+from sft_cluster.driver.environment import ray_worker_runtime_env
+from sft_cluster.launch.base import (
+    JobState,
+    LaunchError,
+    Printed,
+    Submission,
+    anchor_local_paths,
+    strategy_of,
+    strategy_part,
+)
+from sft_cluster.spec import JobSpec, LocalCluster, dump_job_yaml
 
 # Ray's rule for macOS and Windows, where it keeps a lone node on loopback: with
 # clusters "disabled", a new node takes 127.0.0.1 as its address and every Ray
@@ -83,56 +93,88 @@ def embedded_ray(num_cpus: int, runtime_env: dict[str, Any], temp_dir: str | Non
             shutil.rmtree(root, ignore_errors=True)
 
 
-def run_local(
-    job: JobSpec, cluster: LocalCluster, console: Console, verify_fast: bool = False
-) -> dict[str, Any]:
-    """``sft-cluster run``: train on this machine; returns the run summary."""
-    started_at = time.time()
-    needed = int(job.resources.num_workers * job.resources.cpus_per_worker + 0.999)
-    num_cpus = cluster.num_cpus or max(needed, os.cpu_count() or 1)
-    console.print(f"[dim]starting a local Ray cluster ({num_cpus} CPUs)[/dim]")
-    with embedded_ray(num_cpus, ray_worker_runtime_env(job), cluster.temp_dir):
-        from sft_cluster.driver import run_training  # imports ray: only after its auth is set
+@dataclass(frozen=True)
+class LocalRequest:
+    """A run on this machine: the resolved job, the embedded cluster and training it gets.
 
-        return run_training(job, console, started_at=started_at, verify_fast=verify_fast)
+    ``verify_fast``: a resume checks checkpoint sizes only, not hashes.
+    """
+
+    job: JobSpec
+    plan: dict[str, Any]
+    strategy: dict[str, Any]
+    verify_fast: bool = False
+
+    @property
+    def num_cpus(self) -> int:
+        return self.plan["ray_init"]["num_cpus"]
+
+    def dry_run(self) -> list[Printed]:
+        return [
+            Printed(dump_job_yaml(self.job)),
+            Printed(json.dumps(self.plan, indent=2)),
+            strategy_part(self.strategy, stderr=False),
+        ]
 
 
-def anchor_local_paths(job: JobSpec) -> JobSpec:
-    """Make relative local paths absolute, so workers resolve them like the user did."""
-    from sft_cluster.storage import is_local
+class LocalBackend:
+    """``run``: train here, in this process; a local run has no job id to follow or stop."""
 
-    def anchor(uri: str) -> str:
-        if uri.startswith("builtin:") or not is_local(uri):
-            return uri
-        return str(Path(uri.removeprefix("file://")).expanduser().absolute())
+    kind = "local"
 
-    sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.sources]
-    eval_sources = [s.model_copy(update={"uri": anchor(s.uri)}) for s in job.data.eval]
-    model = job.model
-    if Path(model.name_or_path).exists():
-        model = model.model_copy(update={"name_or_path": anchor(model.name_or_path)})
-    return job.model_copy(
-        update={
-            "output_uri": anchor(job.output_uri),
-            "data": job.data.model_copy(update={"sources": sources, "eval": eval_sources}),
-            "model": model,
+    def __init__(self, cluster: LocalCluster, cluster_file: str, console: Console | None = None):
+        self.cluster = cluster
+        self.cluster_file = cluster_file
+        self.console = console or Console()
+
+    def plan(self, job: JobSpec) -> LocalRequest:
+        job = anchor_local_paths(job)
+        r = job.resources
+        needed = int(r.num_workers * r.cpus_per_worker + 0.999)
+        plan = {
+            "launcher": "local (embedded Ray)",
+            "ray_init": {"num_cpus": self.cluster.num_cpus or max(needed, os.cpu_count() or 1)},
+            "scaling_config": {
+                "num_workers": r.num_workers,
+                "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker},
+            },
+            "backend": "nccl" if r.gpus_per_worker else "gloo",
+            "output_uri": job.output_uri,
         }
-    )
+        return LocalRequest(job, plan, strategy_of(job))
 
+    def launch(self, request: LocalRequest) -> Submission:
+        """Train to the end; the run summary is ``extra["summary"]``, the run directory the id."""
+        started_at = time.time()
+        job = request.job
+        self.console.print(f"[dim]starting a local Ray cluster ({request.num_cpus} CPUs)[/dim]")
+        with embedded_ray(request.num_cpus, ray_worker_runtime_env(job), self.cluster.temp_dir):
+            from sft_cluster.driver import run_training  # imports ray: only after its auth is set
 
-def describe_local(job: JobSpec, cluster: LocalCluster) -> dict[str, Any]:
-    """What ``run`` would start, for ``--dry-run``."""
-    r = job.resources
-    return {
-        "launcher": "local (embedded Ray)",
-        "ray_init": {
-            "num_cpus": cluster.num_cpus
-            or max(int(r.num_workers * r.cpus_per_worker + 0.999), os.cpu_count() or 1)
-        },
-        "scaling_config": {
-            "num_workers": r.num_workers,
-            "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker},
-        },
-        "backend": "nccl" if r.gpus_per_worker else "gloo",
-        "output_uri": job.output_uri,
-    }
+            summary = run_training(job, self.console, started_at=started_at, verify_fast=request.verify_fast)
+        return Submission(
+            id=job.output_uri,
+            backend=self.kind,
+            cluster_file=self.cluster_file,
+            name=job.name,
+            output_uri=job.output_uri,
+            submitted_at=started_at,
+            extra={"summary": summary},
+        )
+
+    def _no_ids(self) -> LaunchError:
+        return LaunchError(
+            f"{self.cluster_file}: local runs have no job ids; look in the run directory instead"
+        )
+
+    def status(self, job_id: str) -> JobState:
+        raise self._no_ids()
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        raise self._no_ids()
+
+    def stop(self, job_id: str, now: bool = False, wait_seconds: float = 600) -> JobState:
+        raise self._no_ids()
+
+    def list(self) -> list[JobState]:
+        raise self._no_ids()

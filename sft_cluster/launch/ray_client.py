@@ -80,6 +80,13 @@ def token_source(auth: Any) -> str:
     return f"${auth.token_env}"
 
 
+def auth_words(auth: Any) -> str:
+    """How requests authenticate, for a dry run: never the token itself."""
+    if auth.mode != "token":
+        return "none"
+    return f"token from {token_source(auth)} (sent as an Authorization header; never stored)"
+
+
 def request_timeout() -> float:
     """Seconds each request may take to connect, and then to answer (``$SFT_CLUSTER_RAY_TIMEOUT_S``)."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()

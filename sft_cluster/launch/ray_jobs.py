@@ -1,6 +1,7 @@
 """Ray Jobs: submit the driver to an existing Ray cluster through its dashboard.
 
-The submission is one HTTP request built by :meth:`RayJobsBackend.request`:
+The submission is one HTTP request, planned by :meth:`RayJobsBackend.plan` as a
+:class:`RayJobsRequest` (whose ``dry_run`` is ``submit --dry-run``):
 
 - ``entrypoint``: ``python -m sft_cluster.driver --job-env SFT_CLUSTER_JOB_YAML``,
   run by the cluster's ``python`` in the uploaded ``working_dir``;
@@ -31,28 +32,96 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from sft_cluster import exitcodes
+from sft_cluster import exitcodes, storage
 from sft_cluster.launch import ray_client, ray_rundir
-from sft_cluster.launch.base import JobState, LaunchError, Submission
+from sft_cluster.launch.base import (
+    JobState,
+    LaunchError,
+    Printed,
+    Submission,
+    anchor_local_paths,
+    strategy_of,
+    strategy_part,
+)
 from sft_cluster.launch.ray_client import ADDRESS_VARS, TOKEN_VARS, redact_text
 from sft_cluster.launch.ray_rundir import JOB_ENV
 from sft_cluster.spec import JobSpec, RayCluster, dump_job_yaml
+from sft_cluster.spec.cluster import CREDENTIAL_VAR
 from sft_cluster.tracking import RUN_ID_ENV
 
 ENTRYPOINT = f"python -m sft_cluster.driver --job-env {JOB_ENV}"
-# Whole words of a variable name, so TOKENIZERS_PARALLELISM is not a credential.
-_CREDENTIAL = re.compile(
-    r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|SESSION)S?(?:_|$)", re.IGNORECASE
-)
 LOG_TAIL_LINES = 15
 _POLL_S = 1.0
 
 
+@dataclass(frozen=True)
+class RayJobsRequest:
+    """One Ray Job submission: what ``JobSubmissionClient.submit_job`` receives (:meth:`kwargs`),
+    and what its dry run says about where it would go."""
+
+    job: JobSpec  # local paths absolute: relative ones would land in Ray's scratch working_dir
+    strategy: dict[str, Any]
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    entrypoint_num_cpus: float
+    entrypoint_resources: dict[str, float]
+    address: str  # as the dry run shows it: the address and where it came from
+    auth: str
+    warnings: tuple[str, ...] = ()
+    passed: frozenset[str] = frozenset()  # copied from the submitting shell: redacted when shown
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments of ``submit_job``."""
+        request: dict[str, Any] = {
+            "submission_id": self.submission_id,
+            "entrypoint": self.entrypoint,
+            "runtime_env": self.runtime_env,
+            "metadata": self.metadata,
+            "entrypoint_num_cpus": self.entrypoint_num_cpus,
+        }
+        if self.entrypoint_resources:
+            request["entrypoint_resources"] = dict(self.entrypoint_resources)
+        return request
+
+    def render(self) -> str:
+        """The request as text, secrets redacted."""
+        shown = json.loads(json.dumps(self.kwargs()))
+        env_vars = shown["runtime_env"]["env_vars"]
+        job_yaml = env_vars[JOB_ENV]
+        env_vars[JOB_ENV] = f"<the resolved job below, {len(job_yaml)} bytes>"
+        for name in env_vars:
+            if name in self.passed:
+                env_vars[name] = f"<redacted: ${name} of the submitting shell>"
+            elif CREDENTIAL_VAR.search(name):
+                env_vars[name] = "<redacted>"
+        lines = [
+            "# dry run: nothing was submitted",
+            f"# address: {redact_text(self.address)}",
+            f"# auth: {self.auth}",
+        ]
+        lines += [f"# warning: {w}" for w in self.warnings]
+        lines += [
+            "",
+            f"entrypoint: {shown['entrypoint']}",
+            "request:",
+            json.dumps({k: v for k, v in shown.items() if k != "entrypoint"}, indent=2),
+            "",
+            f"# resolved job (runtime_env.env_vars.{JOB_ENV}):",
+            job_yaml.rstrip(),
+        ]
+        return redact_text("\n".join(lines))
+
+    def dry_run(self) -> list[Printed]:
+        return [Printed(self.render(), verbatim=True), strategy_part(self.strategy, stderr=True)]
+
+
 class RayJobsBackend:
-    """``submit``/``status``/``logs``/``stop``/``list`` for ``kind: ray`` cluster files."""
+    """``plan``/``launch``/``status``/``logs``/``stop``/``list`` for ``kind: ray`` cluster files."""
 
     kind = "ray"
 
@@ -71,12 +140,6 @@ class RayJobsBackend:
         """The auth token (``auth.mode: token``), from ``$auth.token_env`` or ``auth.token_file``."""
         return ray_client.token_of(self.cluster, self.cluster_file)
 
-    def _auth_words(self) -> str:
-        if self.cluster.auth.mode != "token":
-            return "none"
-        source = ray_client.token_source(self.cluster.auth)
-        return f"token from {source} (sent as an Authorization header; never stored)"
-
     # --- the request -------------------------------------------------------------
 
     def passed_env(self) -> dict[str, str]:
@@ -89,27 +152,29 @@ class RayJobsBackend:
             if name not in never and any(fnmatch.fnmatchcase(name, p) for p in patterns)
         }
 
-    def missing_pass_env(self) -> list[str]:
+    def pass_env_warnings(self) -> tuple[str, ...]:
         """Exact ``pass_env`` names (not globs) absent from the submitter's environment."""
-        return [
+        missing = [
             name
             for name in self.cluster.runtime_env.pass_env
             if not any(c in name for c in "*?[") and name not in os.environ
         ]
+        return (f"runtime_env.pass_env: not set here, not passed: {', '.join(missing)}",) if missing else ()
 
-    def runtime_env(self, job_yaml: str, run_id: str) -> dict[str, Any]:
+    def runtime_env(self, job_yaml: str, run_id: str, passed: dict[str, str]) -> dict[str, Any]:
+        """The working_dir, modules and image, and the variables: the file's, ``passed``, the job."""
         spec = self.cluster.runtime_env
         env: dict[str, Any] = {}
         if spec.working_dir:
-            env["working_dir"] = _local_or_uri(spec.working_dir)
+            env["working_dir"] = _runtime_path(spec.working_dir)
             env["excludes"] = list(spec.excludes)
         if spec.py_modules:
-            env["py_modules"] = [_local_or_uri(m) for m in spec.py_modules]
+            env["py_modules"] = [_runtime_path(m) for m in spec.py_modules]
         if spec.image_uri:
             env["image_uri"] = spec.image_uri
         env["env_vars"] = {
             **spec.env_vars,
-            **self.passed_env(),
+            **passed,
             # The driver's ray.init adds worker settings: let them win over ours.
             "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
             # The driver honours only a stop request (control/stop) naming this run.
@@ -118,66 +183,34 @@ class RayJobsBackend:
         }
         return env
 
-    def request(self, job: JobSpec, submission_id: str | None = None) -> dict[str, Any]:
-        """Everything ``JobSubmissionClient.submit_job`` receives for ``job``."""
-        job = _anchor(job)
-        metadata = {
-            **self.cluster.metadata,
-            "job_name": job.name,
-            "output_uri": job.output_uri,
-            "launcher": "sft-cluster",
-        }
-        submission_id = submission_id or _new_id(job.name)
-        request: dict[str, Any] = {
-            "submission_id": submission_id,
-            "entrypoint": ENTRYPOINT,
-            "runtime_env": self.runtime_env(dump_job_yaml(job), submission_id),
-            "metadata": metadata,
-            "entrypoint_num_cpus": self.cluster.entrypoint_num_cpus,
-        }
-        if self.cluster.entrypoint_resources:
-            request["entrypoint_resources"] = dict(self.cluster.entrypoint_resources)
-        return request
-
-    def render(self, request: dict[str, Any]) -> str:
-        """The dry run: the request as text, secrets redacted."""
-        passed = set(self.passed_env())
-        shown = json.loads(json.dumps(request))
-        env_vars = shown["runtime_env"]["env_vars"]
-        job_yaml = env_vars[JOB_ENV]
-        env_vars[JOB_ENV] = f"<the resolved job below, {len(job_yaml)} bytes>"
-        for name in env_vars:
-            if name in passed:
-                env_vars[name] = f"<redacted: ${name} of the submitting shell>"
-            elif _CREDENTIAL.search(name):
-                env_vars[name] = "<redacted>"
+    def plan(self, job: JobSpec) -> RayJobsRequest:
+        job = anchor_local_paths(job)
+        submission_id = _new_id(job.name)
+        passed = self.passed_env()
         try:
             address, source = self.address()
             where = f"{address} (from {source})"
         except LaunchError:
             where = "<not set: RAY_API_SERVER_ADDRESS at submit time>"
-        lines = [
-            "# dry run: nothing was submitted",
-            f"# address: {redact_text(where)}",
-            f"# auth: {self._auth_words()}",
-        ]
-        lines += [f"# warning: {w}" for w in self._warnings()]
-        lines += [
-            "",
-            f"entrypoint: {shown['entrypoint']}",
-            "request:",
-            json.dumps({k: v for k, v in shown.items() if k != "entrypoint"}, indent=2),
-            "",
-            f"# resolved job (runtime_env.env_vars.{JOB_ENV}):",
-            job_yaml.rstrip(),
-        ]
-        return redact_text("\n".join(lines))
-
-    def _warnings(self) -> list[str]:
-        missing = self.missing_pass_env()
-        if not missing:
-            return []
-        return [f"runtime_env.pass_env: not set here, not passed: {', '.join(missing)}"]
+        return RayJobsRequest(
+            job=job,
+            strategy=strategy_of(job),
+            submission_id=submission_id,
+            entrypoint=ENTRYPOINT,
+            runtime_env=self.runtime_env(dump_job_yaml(job), submission_id, passed),
+            metadata={
+                **self.cluster.metadata,
+                "job_name": job.name,
+                "output_uri": job.output_uri,
+                "launcher": "sft-cluster",
+            },
+            entrypoint_num_cpus=self.cluster.entrypoint_num_cpus,
+            entrypoint_resources=dict(self.cluster.entrypoint_resources),
+            address=where,
+            auth=ray_client.auth_words(self.cluster.auth),
+            warnings=self.pass_env_warnings(),
+            passed=frozenset(passed),
+        )
 
     # --- talking to the cluster ----------------------------------------------------
 
@@ -211,22 +244,19 @@ class RayJobsBackend:
 
     # --- the Backend protocol ----------------------------------------------------
 
-    def submit(self, job: JobSpec, dry_run: bool = False) -> Submission | str:
-        request = self.request(job)
-        if dry_run:
-            return self.render(request)
-        for warning in self._warnings():
+    def launch(self, request: RayJobsRequest) -> Submission:
+        for warning in request.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         client = self._client()
         address, _ = self.address()
         with self._errors():
-            submission_id = client.submit_job(**request)
+            submission_id = client.submit_job(**request.kwargs())
         return Submission(
             id=submission_id,
             backend=self.kind,
             cluster_file=self.cluster_file,
-            name=job.name,
-            output_uri=request["metadata"]["output_uri"],
+            name=request.job.name,
+            output_uri=request.metadata["output_uri"],
             submitted_at=time.time(),
             extra={"address": redact_text(address)},
         )
@@ -353,15 +383,7 @@ def _new_id(name: str) -> str:
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def _local_or_uri(value: str) -> str:
-    """Local paths as absolute paths (from the current directory); URIs unchanged."""
-    if "://" in value:
-        return value
-    return str(Path(value).expanduser().absolute())
-
-
-def _anchor(job: JobSpec) -> JobSpec:
-    """Relative local paths would land in Ray's scratch working_dir: make them absolute."""
-    from sft_cluster.launch.local import anchor_local_paths
-
-    return anchor_local_paths(job)
+def _runtime_path(value: str) -> str:
+    """A plain local path made absolute, from the current directory; any URI unchanged, ``file://``
+    included (a package Ray fetches on each node, where a local path is uploaded from here)."""
+    return value if "://" in value else str(storage.absolute_path(value))

@@ -13,9 +13,13 @@ from pathlib import Path
 from sft_cluster.launch.base import Submission
 
 
+def state_dir() -> Path:
+    """This submitter's own folder: ``$SFT_CLUSTER_STATE_DIR``, else ``~/.local/state/sft-cluster``."""
+    return Path(os.environ.get("SFT_CLUSTER_STATE_DIR") or Path.home() / ".local" / "state" / "sft-cluster")
+
+
 def _path() -> Path:
-    root = os.environ.get("SFT_CLUSTER_STATE_DIR") or Path.home() / ".local" / "state" / "sft-cluster"
-    return Path(root) / "submissions.jsonl"
+    return state_dir() / "submissions.jsonl"
 
 
 def remember(submission: Submission) -> None:

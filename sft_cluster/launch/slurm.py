@@ -1,10 +1,11 @@
 """Slurm: submit the rendered sbatch script, follow it, stop it.
 
-``submit`` writes ``<run>/slurm/job.sbatch`` and the resolved ``job.yaml`` next
-to it (``<run>`` is the job's ``output_uri`` when it is a local path, else a
-folder under the submitter's state directory), checks the script with
-``bash -n`` and submits it with ``sbatch --parsable --export=ALL``: secrets
-reach the job through the submitter's environment, never through a file.
+``plan`` renders the script and checks it with ``bash -n`` (a :class:`SlurmRequest`,
+whose dry run is the script); ``launch`` writes it as ``<run>/slurm/job.sbatch`` with the
+resolved ``job.yaml`` next to it (``<run>`` is the job's ``output_uri`` when it is a local
+path, else a folder under the submitter's state directory) and submits it with
+``sbatch --parsable --export=ALL``: secrets reach the job through the submitter's
+environment, never through a file.
 
 ``stop`` leaves a stop request beside the script and sends the preemption
 signal to the batch shell: the training commits a checkpoint and exits 75, and
@@ -19,9 +20,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sft_cluster.launch.base import JobState, LaunchError, Submission
+from sft_cluster import storage
+from sft_cluster.launch import registry
+from sft_cluster.launch.base import (
+    JobState,
+    LaunchError,
+    Printed,
+    Submission,
+    anchor_local_paths,
+    strategy_of,
+    strategy_part,
+)
 from sft_cluster.launch.slurm_render import (
     STOP_PREFIX,
     check_syntax,
@@ -42,9 +55,11 @@ from sft_cluster.launch.slurm_status import (
     tool,
 )
 from sft_cluster.spec import JobSpec, SlurmCluster, dump_job_yaml
+from sft_cluster.tracking import run_dir_of
 
 __all__ = [
     "SlurmBackend",
+    "SlurmRequest",
     "check_syntax",
     "node_count",
     "render",
@@ -62,8 +77,26 @@ def _requeued(state: JobState) -> bool:
     return state.state == "PENDING" or state.state.startswith("REQUEUE")
 
 
+@dataclass(frozen=True)
+class SlurmRequest:
+    """The batch job: the script, and the resolved job it reads, both to be written to ``folder``."""
+
+    job: JobSpec
+    strategy: dict[str, Any]
+    script: str
+    job_yaml: str
+    folder: Path  # the launcher's folder: ``<output_uri>/slurm`` when the run directory is local
+
+    @property
+    def script_path(self) -> Path:
+        return self.folder / "job.sbatch"
+
+    def dry_run(self) -> list[Printed]:
+        return [Printed(self.script, verbatim=True), strategy_part(self.strategy, stderr=True)]
+
+
 class SlurmBackend:
-    """``sbatch``/``status``/``logs``/``stop``/``list`` for ``kind: slurm`` cluster files."""
+    """``plan``/``launch``/``status``/``logs``/``stop``/``list`` for ``kind: slurm`` cluster files."""
 
     kind = "slurm"
 
@@ -73,34 +106,30 @@ class SlurmBackend:
 
     # --- submit ------------------------------------------------------------------
 
-    def run_dir(self, job: JobSpec) -> Path:
+    def folder(self, job: JobSpec) -> Path:
         """Where the script, the job YAML and the log go: ``<output_uri>/slurm`` when local."""
-        from sft_cluster.spec import is_local_uri
-
-        if is_local_uri(job.output_uri):
-            return Path(job.output_uri.removeprefix("file://")).expanduser().absolute() / "slurm"
-        state = os.environ.get("SFT_CLUSTER_STATE_DIR") or Path.home() / ".local" / "state" / "sft-cluster"
+        if storage.is_local(job.output_uri):
+            return storage.absolute_path(run_dir_of(job).slurm)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        return Path(state).absolute() / "slurm" / f"{job.name}-{stamp}"
+        return registry.state_dir().absolute() / "slurm" / f"{job.name}-{stamp}"
 
     def _python(self) -> str:
         # With neither a set-up line nor a container, the submitter's interpreter (shared FS).
         return "python" if (self.cluster.setup or self.cluster.container) else sys.executable
 
-    def submit(self, job: JobSpec, dry_run: bool = False) -> Submission | str:
-        from sft_cluster.launch.local import anchor_local_paths
-
+    def plan(self, job: JobSpec) -> SlurmRequest:
         job = anchor_local_paths(job)
-        run_dir = self.run_dir(job)
-        script = render(job, self.cluster, run_dir=str(run_dir), workdir=os.getcwd(), python=self._python())
+        folder = self.folder(job)
+        script = render(job, self.cluster, run_dir=str(folder), workdir=os.getcwd(), python=self._python())
         check_syntax(script)
-        if dry_run:
-            return script
+        return SlurmRequest(job, strategy_of(job), script, dump_job_yaml(job), folder)
+
+    def launch(self, request: SlurmRequest) -> Submission:
         sbatch = tool("sbatch")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "job.yaml").write_text(dump_job_yaml(job), encoding="utf-8")
-        script_path = run_dir / "job.sbatch"
-        script_path.write_text(script, encoding="utf-8")
+        request.folder.mkdir(parents=True, exist_ok=True)
+        (request.folder / "job.yaml").write_text(request.job_yaml, encoding="utf-8")
+        script_path = request.script_path
+        script_path.write_text(request.script, encoding="utf-8")
         try:
             result = subprocess.run(
                 [sbatch, "--parsable", "--export=ALL", str(script_path)],
@@ -122,10 +151,10 @@ class SlurmBackend:
             id=job_id,
             backend=self.kind,
             cluster_file=self.cluster_file,
-            name=job.name,
-            output_uri=job.output_uri,
+            name=request.job.name,
+            output_uri=request.job.output_uri,
             submitted_at=time.time(),
-            extra={"script": str(script_path), "log": str(run_dir / f"slurm-{job_id}.out")},
+            extra={"script": str(script_path), "log": str(request.folder / f"slurm-{job_id}.out")},
         )
 
     # --- status, logs ----------------------------------------------------------------
@@ -135,8 +164,6 @@ class SlurmBackend:
 
     def _job_file(self, job_id: str, extra_key: str, field: str) -> Path:
         """A file of the job: from this machine's registry, else from ``scontrol``'s ``field``."""
-        from sft_cluster.launch import registry
-
         known = registry.find(job_id)
         if known is not None and known.backend == self.kind and known.extra.get(extra_key):
             return Path(known.extra[extra_key])
@@ -240,7 +267,6 @@ class SlurmBackend:
         """What the run left, from its ``summary.json``; None when that cannot be read from here."""
         from sft_cluster.checkpoint.store import CheckpointStore
         from sft_cluster.spec import SpecError, load_job
-        from sft_cluster.tracking import run_dir_of
 
         try:
             run_uri = run_dir_of(load_job(run_dir / "job.yaml"))
@@ -258,8 +284,6 @@ class SlurmBackend:
     # --- list --------------------------------------------------------------------------
 
     def list(self) -> list[JobState]:
-        from sft_cluster.launch import registry
-
         mine = [s for s in registry.submissions() if s.backend == self.kind]
         states = listed()
         for submission in mine:

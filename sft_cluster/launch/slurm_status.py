@@ -70,41 +70,59 @@ def path_field(line: str, name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _squeue(job_id: str) -> JobState | None:
-    result = run(["squeue", "-h", "-j", job_id, "-o", "%i|%j|%T|%S|%r"], "squeue")
-    for line in result.stdout.splitlines():
+# --- parsing: pure functions of what each tool printed --------------------------------
+
+SQUEUE_FORMAT = "%i|%j|%T|%S|%r"
+SACCT_FIELDS = "JobID,JobName,State,Start,End,ExitCode"
+
+
+def parse_squeue(text: str) -> dict[str, JobState]:
+    """``squeue -h -o SQUEUE_FORMAT``: the queued jobs by id, each with its pending reason."""
+    queued = {}
+    for line in text.splitlines():
         parts = line.split("|")
-        if len(parts) == 5 and parts[0] == job_id:
+        if len(parts) == 5:
             reason = parts[4] if parts[4] not in ("None", "(null)") else None
-            return JobState(job_id, parts[2], name=parts[1], start=_epoch(parts[3]), message=reason)
-    return None
+            queued[parts[0]] = JobState(
+                parts[0], parts[2], name=parts[1], start=_epoch(parts[3]), message=reason
+            )
+    return queued
 
 
-def _sacct(job_id: str) -> JobState | None:
-    if shutil.which("sacct") is None:
-        return None
-    result = run(
-        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State,Start,End,ExitCode"], "sacct"
+def _accounted(job_id: str, parts: list[str], exit_message: bool) -> JobState:
+    """A ``SACCT_FIELDS`` row; ``exit_message``: a non-zero exit code becomes the message."""
+    state = _state_word(parts[2].split()[0], parts[5])  # "CANCELLED by 1000": the word alone
+    message = None
+    if state == "PREEMPTED":
+        message = _CHECKPOINTED
+    elif exit_message and parts[5] not in ("0:0", ""):
+        message = f"exit {parts[5]}"
+    return JobState(
+        job_id, state, name=parts[1], start=_epoch(parts[3]), end=_epoch(parts[4]), message=message
     )
-    if result.returncode != 0:
-        return None  # accounting off: "Slurm accounting storage is disabled"
-    for line in result.stdout.splitlines():
+
+
+def parse_sacct(text: str, job_id: str) -> JobState | None:
+    """``sacct -n -P -X -o SACCT_FIELDS``'s row for ``job_id`` (the allocation, not its steps)."""
+    for line in text.splitlines():
         parts = line.split("|")
         if len(parts) == 6 and parts[0] == job_id:
-            state = _state_word(parts[2].split()[0], parts[5])
-            if state == "PREEMPTED":
-                message = _CHECKPOINTED
-            else:
-                message = f"exit {parts[5]}" if parts[5] not in ("0:0", "") else None
-            return JobState(
-                job_id, state, name=parts[1], start=_epoch(parts[3]), end=_epoch(parts[4]), message=message
-            )
+            return _accounted(job_id, parts, exit_message=True)
     return None
 
 
-def _scontrol(job_id: str) -> JobState | None:
-    line = scontrol_show(job_id)
-    fields = dict(re.findall(r"(\w+)=(\S*)", line or ""))
+def parse_jobcomp(text: str, job_id: str) -> JobState | None:
+    """``sacct -c``'s (the job-completion log's) last row for ``job_id``: a requeued job has one
+    row per attempt."""
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(job_id + "|")]
+    if not rows or len(rows[-1]) != 6:
+        return None
+    return _accounted(job_id, rows[-1], exit_message=False)
+
+
+def parse_scontrol(line: str, job_id: str) -> JobState | None:
+    """``scontrol -o show job``'s one line; None without a JobState in it."""
+    fields = dict(re.findall(r"(\w+)=(\S*)", line))
     if "JobState" not in fields:
         return None
     state = _state_word(fields["JobState"], fields.get("ExitCode"))
@@ -128,22 +146,33 @@ def _scontrol(job_id: str) -> JobState | None:
     )
 
 
+# --- asking the tools ------------------------------------------------------------------
+
+
+def _squeue(job_id: str) -> JobState | None:
+    return parse_squeue(run(["squeue", "-h", "-j", job_id, "-o", SQUEUE_FORMAT], "squeue").stdout).get(job_id)
+
+
+def _sacct(job_id: str) -> JobState | None:
+    if shutil.which("sacct") is None:
+        return None
+    result = run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", SACCT_FIELDS], "sacct")
+    if result.returncode != 0:
+        return None  # accounting off: "Slurm accounting storage is disabled"
+    return parse_sacct(result.stdout, job_id)
+
+
+def _scontrol(job_id: str) -> JobState | None:
+    line = scontrol_show(job_id)
+    return parse_scontrol(line, job_id) if line else None
+
+
 def _jobcomp(job_id: str) -> JobState | None:
     """The job-completion log (``JobCompType=jobcomp/filetxt``), read through ``sacct -c``."""
     if shutil.which("sacct") is None:
         return None
-    result = run(
-        ["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,JobName,State,Start,End,ExitCode"], "sacct"
-    )
-    states = [line.split("|") for line in result.stdout.splitlines() if line.startswith(job_id + "|")]
-    if result.returncode != 0 or not states or len(states[-1]) != 6:
-        return None
-    parts = states[-1]  # a requeued job has one line per attempt
-    state = _state_word(parts[2].split()[0], parts[5])
-    message = _CHECKPOINTED if state == "PREEMPTED" else None
-    return JobState(
-        job_id, state, name=parts[1], start=_epoch(parts[3]), end=_epoch(parts[4]), message=message
-    )
+    result = run(["sacct", "-c", "-n", "-P", "-j", job_id, "-o", SACCT_FIELDS], "sacct")
+    return parse_jobcomp(result.stdout, job_id) if result.returncode == 0 else None
 
 
 def job_state(job_id: str) -> JobState:
@@ -158,10 +187,4 @@ def job_state(job_id: str) -> JobState:
 
 def listed() -> dict[str, JobState]:
     """Every job in the queue, by id."""
-    result = run(["squeue", "-h", "-o", "%i|%j|%T|%S"], "squeue")
-    live = {}
-    for line in result.stdout.splitlines():
-        parts = line.split("|")
-        if len(parts) == 4:
-            live[parts[0]] = JobState(parts[0], parts[2], name=parts[1], start=_epoch(parts[3]))
-    return live
+    return parse_squeue(run(["squeue", "-h", "-o", SQUEUE_FORMAT], "squeue").stdout)

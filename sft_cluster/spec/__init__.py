@@ -4,7 +4,7 @@ A bad file raises ``SpecError`` listing every problem at once, each naming the
 field path, the bad value and the fix.
 """
 
-from sft_cluster.spec.checks import check_local_paths, is_local_uri, resolve_builtin, validate_pair
+from sft_cluster.spec.checks import check_local_paths, resolve_builtin, validate_pair
 from sft_cluster.spec.cluster import (
     CLUSTER_ADAPTER,
     ClusterSpec,
@@ -63,7 +63,6 @@ __all__ = [
     "apply_overrides",
     "check_local_paths",
     "dump_job_yaml",
-    "is_local_uri",
     "load_cluster",
     "load_job",
     "parse_overrides",

@@ -10,6 +10,7 @@ from pathlib import Path
 from sft_cluster.spec.cluster import ClusterSpec, RayCluster, SlurmCluster
 from sft_cluster.spec.job import JobSpec
 from sft_cluster.spec.templates import template_problem
+from sft_cluster.storage import is_local, local_path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 _BUILTIN = "builtin:"
@@ -23,13 +24,8 @@ def resolve_builtin(value: str) -> str:
     return str(ASSETS / value.removeprefix(_BUILTIN))
 
 
-def is_local_uri(uri: str) -> bool:
-    """A path or ``file://`` URI, as opposed to object storage such as ``s3://``."""
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _local_path(value: str) -> Path:
-    return Path(resolve_builtin(value).removeprefix("file://")).expanduser()
+    return local_path(resolve_builtin(value))
 
 
 def _missing_builtin(field: str, value: str) -> str:
@@ -43,7 +39,7 @@ def _model_problem(field: str, value: str) -> str | None:
     """A model reference is a local folder, ``builtin:NAME`` or a hub id such as ``org/name``."""
     if value.startswith(_BUILTIN):
         return None if _local_path(value).exists() else _missing_builtin(field, value)
-    if _local_path(value).exists():
+    if is_local(value) and _local_path(value).exists():
         return None
     looks_local = value.startswith(("/", "./", "../", "~")) or value.endswith("/")
     if not looks_local and _HUB_ID.fullmatch(value):
@@ -86,7 +82,7 @@ def check_local_paths(job: JobSpec) -> list[str]:
         _source_problem(f"data.{field}[{index}].uri", source.uri)
         for field, sources in (("sources", job.data.sources), ("eval", job.data.eval))
         for index, source in enumerate(sources)
-        if is_local_uri(source.uri)
+        if is_local(source.uri)
     ]
     return [problem for problem in problems if problem is not None]
 
@@ -97,7 +93,7 @@ def validate_pair(job: JobSpec, cluster: ClusterSpec) -> list[str]:
     multi_node = (isinstance(cluster, RayCluster) and cluster.multi_node) or (
         isinstance(cluster, SlurmCluster) and (cluster.nodes or 1) > 1
     )
-    local_output = job.output_uri is not None and is_local_uri(job.output_uri)
+    local_output = job.output_uri is not None and is_local(job.output_uri)
     if multi_node and local_output and not job.storage.shared_filesystem:
         warnings.append(
             f"output_uri = {job.output_uri!r} is a local path on a multi-node cluster: each node "

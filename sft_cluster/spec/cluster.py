@@ -17,8 +17,11 @@ _SLURM_TIME = re.compile(
 _SLURM_SIGNAL = re.compile(r"(?:(?:B|R|BR|RB):)?(?:(?:SIG)?[A-Z][A-Z0-9]*|\d+)(?:@\d+)?")
 _SLURM_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _SLURM_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
-# Whole words of an environment variable name, so TOKENIZERS_PARALLELISM is not a credential.
-_CREDENTIAL_VAR = re.compile(r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD)S?(?:_|$)", re.IGNORECASE)
+# An environment variable that holds a secret, by whole words of its name (so TOKENIZERS_PARALLELISM
+# is not one): refused in a cluster file's env_vars, redacted in a Ray Job's dry run.
+CREDENTIAL_VAR = re.compile(
+    r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|SESSION)S?(?:_|$)", re.IGNORECASE
+)
 
 
 def _long_option(line: str) -> str:
@@ -55,7 +58,7 @@ class RayRuntimeEnvSpec(Strict):
     def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
         """A value written here would be stored by Ray with the job; pass_env copies it instead."""
         for name in env:
-            if _CREDENTIAL_VAR.search(name):
+            if CREDENTIAL_VAR.search(name):
                 raise ValueError(
                     f"'{name}' looks like a credential: list it in runtime_env.pass_env so it is "
                     "copied from your environment at submit time instead of written in a file"

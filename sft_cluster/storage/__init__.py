@@ -19,6 +19,7 @@ from fsspec.core import url_to_fs
 from sft_cluster.storage.retry import is_transient, retrying
 
 __all__ = [
+    "absolute_path",
     "exists",
     "filesystem",
     "is_local",
@@ -43,6 +44,12 @@ def local_path(uri: str) -> Path:
     if not is_local(uri):
         raise ValueError(f"{uri} is not a local path")
     return Path(uri.removeprefix("file://")).expanduser()
+
+
+def absolute_path(uri: str) -> Path:
+    """The absolute path of a local URI, relative ones from the current directory: what a process
+    started elsewhere (a worker, a batch job) must be given to find the same file."""
+    return local_path(uri).absolute()
 
 
 def storage_options_for(uri: str, endpoint_url: str | None, options: dict[str, Any]) -> dict:

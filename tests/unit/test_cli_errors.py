@@ -40,6 +40,17 @@ def test_valid_job_passes(tmp_path, isolated_env):
     assert "is valid" in result.stdout
 
 
+def test_validate_check_data_lists_the_sources(isolated_env):
+    """--check-data also reads every source (it once crashed: the option shadowed the check)."""
+    result = run_cli(["validate", "jobs/smoke.yaml", "--check-data"], isolated_env)
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout
+    missing = run_cli(
+        ["validate", "jobs/smoke.yaml", "--check-data", "data.sources[0].uri=/nope.jsonl"], isolated_env
+    )
+    assert missing.returncode == 2 and "/nope.jsonl" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_every_shipped_job_and_cluster_file_validates(isolated_env):
     repo = Path(__file__).resolve().parents[2]
     jobs = sorted((repo / "jobs").glob("*.yaml"))
@@ -155,3 +166,32 @@ def test_resume_names_a_missing_run_and_a_bad_cluster_file(tmp_path, isolated_en
     cluster = tmp_path / "c.yaml"
     cluster.write_text("kind: slurm\ntime: forever\n")
     _expect_error(run_cli(["resume", str(run), "--cluster", str(cluster)], isolated_env), "time = 'forever'")
+
+
+@pytest.mark.parametrize("args", [["status", "x"], ["logs", "x"], ["logs", "x", "--follow"], ["list"]])
+def test_job_id_commands_refuse_a_local_cluster(isolated_env, args):
+    result = run_cli([*args, "--cluster", "cluster_configs/local.yaml"], isolated_env)
+    _expect_error(
+        result, "error: cluster_configs/local.yaml: local runs have no job ids; look in the run directory"
+    )
+
+
+def test_sbatch_dry_run_prints_only_the_script_on_stdout(tmp_path, isolated_env):
+    """So that `sbatch --dry-run > job.sbatch` is the script: the strategy section goes to stderr."""
+    cluster = tmp_path / "slurm.yaml"
+    cluster.write_text("kind: slurm\npartition: debug\n")
+    result = run_cli(
+        [
+            "sbatch",
+            _job(tmp_path, VALID),
+            f"output_uri={tmp_path}/run",
+            "--cluster",
+            str(cluster),
+            "--dry-run",
+        ],
+        isolated_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!/bin/bash\n") and "strategy.json (generated" not in result.stdout
+    assert result.stderr.startswith("# strategy.json (generated from the job's strategy section)\n{")
+    assert not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ import yaml
 
 from sft_cluster.launch import LaunchError
 from sft_cluster.launch.ray_client import TIMEOUT_ENV
-from sft_cluster.launch.ray_jobs import ENTRYPOINT, JOB_ENV, RayJobsBackend
+from sft_cluster.launch.ray_jobs import ENTRYPOINT, JOB_ENV, RayJobsBackend, _state
 from sft_cluster.launch.ray_rundir import run_dir
 from sft_cluster.spec import RayCluster, StorageSpec, dump_job_yaml, load_job
 from sft_cluster.tracking import RUN_ID_ENV
@@ -102,7 +102,7 @@ def test_request_carries_the_resolved_job_and_no_token(monkeypatch, job, tmp_pat
         metadata={"team": "t"},
         entrypoint_resources={"head": 1},
     )
-    request = b.request(job.model_copy(update={"output_uri": "runs/x"}))
+    request = b.plan(job.model_copy(update={"output_uri": "runs/x"})).kwargs()
     assert request["entrypoint"] == ENTRYPOINT
     env = request["runtime_env"]
     assert env["working_dir"] == str(tmp_path)  # from the current directory
@@ -129,9 +129,10 @@ def test_request_carries_the_resolved_job_and_no_token(monkeypatch, job, tmp_pat
 
 
 def test_job_yaml_round_trips_through_the_driver(job, tmp_path):
-    request = backend(address="http://h:1").request(job)
+    request = backend(address="http://h:1").plan(job)
     path = tmp_path / "job.yaml"
-    path.write_text(request["runtime_env"]["env_vars"][JOB_ENV])
+    path.write_text(request.runtime_env["env_vars"][JOB_ENV])
+    assert load_job(path) == request.job
     assert load_job(path) == job.model_copy(update={"output_uri": str(Path(job.output_uri).absolute())})
 
 
@@ -143,8 +144,10 @@ def test_dry_run_redacts(monkeypatch, job):
         auth={"mode": "token"},
         runtime_env={"pass_env": ["AWS_*", "HF_TOKEN"]},
     )
-    text = b.submit(job, dry_run=True)
-    assert isinstance(text, str)
+    request, strategy = b.plan(job).dry_run()
+    assert request.verbatim and not request.stderr  # on stdout as it is, to be piped
+    assert strategy.stderr and strategy.text.startswith("# strategy.json")
+    text = request.text
     assert "aws-secret-value" not in text and TOKEN not in text and "hunter2" not in text
     assert "<redacted: $AWS_SECRET_ACCESS_KEY" in text
     assert "token from $RAY_AUTH_TOKEN" in text
@@ -152,6 +155,72 @@ def test_dry_run_redacts(monkeypatch, job):
     assert ENTRYPOINT in text and "max_steps: 3" in text
     shown = json.loads(text[text.index("{") : text.index("\n}\n") + 2])
     assert shown["runtime_env"]["env_vars"][RUN_ID_ENV] == shown["submission_id"]  # not a secret
+
+
+# --- the state of a job, from the job-info objects Ray's client returns ------------------
+
+
+def _info(status: str, **fields: object) -> SimpleNamespace:
+    from ray.job_submission import JobStatus
+
+    info = {
+        "status": JobStatus(status),
+        "submission_id": "j1",
+        "job_id": "02000000",
+        "metadata": {"launcher": "sft-cluster", "job_name": "smoke", "output_uri": "/runs/smoke"},
+        "message": None,
+        "driver_exit_code": None,
+        "start_time": 1_700_000_000_000,  # Ray's times are milliseconds
+        "end_time": None,
+    }
+    return SimpleNamespace(**{**info, **fields})
+
+
+def test_state_succeeded() -> None:
+    info = _info(
+        "SUCCEEDED", message="Job finished successfully.", driver_exit_code=0, end_time=1_700_000_060_000
+    )
+    state = _state(info)
+    assert (state.id, state.state, state.name, state.output_uri) == (
+        "j1",
+        "SUCCEEDED",
+        "smoke",
+        "/runs/smoke",
+    )
+    assert (state.start, state.end, state.exit_code, state.message) == (1_700_000_000, 1_700_000_060, 0, None)
+    assert state.finished and state.succeeded
+
+
+def test_state_failed_keeps_the_first_line_of_rays_message() -> None:
+    info = _info(
+        "FAILED", message="Job entrypoint command failed with exit code 1\nlast lines", driver_exit_code=1
+    )
+    state = _state(info)
+    assert (state.state, state.exit_code) == ("FAILED", 1)
+    assert state.message == "Job entrypoint command failed with exit code 1"
+    assert state.finished and not state.succeeded
+
+
+def test_state_exit_75_is_preempted_for_our_jobs_only() -> None:
+    ours = _state(_info("FAILED", message="exit code 75", driver_exit_code=75))
+    assert (ours.state, ours.exit_code, ours.message) == ("PREEMPTED", 75, None)
+    assert ours.finished and not ours.succeeded
+    theirs = _state(_info("FAILED", message="exit code 75", driver_exit_code=75, metadata={"job_name": "x"}))
+    assert (theirs.state, theirs.message) == ("FAILED", "exit code 75")
+    bare = _state(_info("FAILED", driver_exit_code=75, metadata=None))
+    assert (bare.state, bare.name, bare.output_uri) == ("FAILED", None, None)
+
+
+def test_state_pending_and_stopped() -> None:
+    pending = _state(_info("PENDING", message="Job has not started yet.", start_time=None))
+    assert (pending.state, pending.start, pending.message) == ("PENDING", None, "Job has not started yet.")
+    assert not pending.finished
+    stopped = _state(_info("STOPPED", message="Job was intentionally stopped.", driver_exit_code=-15))
+    assert (stopped.state, stopped.exit_code) == ("STOPPED", -15) and stopped.finished
+
+
+def test_state_of_a_job_not_submitted_as_a_submission_takes_the_job_id() -> None:
+    assert _state(_info("RUNNING", submission_id=None)).id == "02000000"
 
 
 # --- errors from a dashboard that is not right --------------------------------------
@@ -207,7 +276,8 @@ def test_wrong_dashboards(fake_dashboard, monkeypatch, status, body, auth, messa
 def test_unreachable(job):
     (port,) = free_ports(1)
     with pytest.raises(LaunchError, match=f"cannot reach the Ray cluster at http://127.0.0.1:{port}"):
-        backend(address=f"http://127.0.0.1:{port}").submit(job)
+        b = backend(address=f"http://127.0.0.1:{port}")
+        b.launch(b.plan(job))
 
 
 def test_file_address_wins_over_ray_address(fake_dashboard, monkeypatch):

@@ -1,8 +1,10 @@
-"""The rendered sbatch scripts: golden files, hostile values that must stay inert, and the
-script's trap, requeue and stop machinery and `stop`'s fallbacks, with stand-ins for Slurm.
+"""The sbatch scripts SlurmBackend.plan renders: golden files, hostile values that must stay
+inert, and the script's trap, requeue and stop machinery and `stop`'s fallbacks, with stand-ins
+for Slurm.
 
 Regenerate the golden files after an intended template change with
-``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py`` and review the diff.
+``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py``: the golden tests rewrite their
+files and fail, so that an update is never mistaken for a pass; review the diff, then rerun.
 """
 
 from __future__ import annotations
@@ -10,17 +12,23 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sft_cluster.launch import LaunchError
-from sft_cluster.launch.slurm import SlurmBackend, render, sbatch_quote
+from sft_cluster import storage
+from sft_cluster.launch import LaunchError, Printed
+from sft_cluster.launch.slurm import SlurmBackend, SlurmRequest, sbatch_quote
 from sft_cluster.spec import CLUSTER_ADAPTER, load_job
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"
 HOSTILE = "a'b\"c $(touch /tmp/pwned) `touch /tmp/pwned` ; touch /tmp/pwned #"
+# The submitter the golden files were rendered for: in /home/me/sft, its interpreter `python`.
+WORKDIR = "/home/me/sft"
+LAUNCHER_DIR = "/shared/runs/smoke/slurm"
 
 
 def _job(*overrides: str):
@@ -69,29 +77,44 @@ CASES = {
 }
 
 
-def _render(name: str) -> str:
-    cluster, overrides = CASES[name]
-    return render(_job(*overrides), cluster, run_dir="/shared/runs/smoke/slurm", workdir="/home/me/sft")
+@pytest.fixture
+def plan(monkeypatch) -> Callable[[str], SlurmRequest]:
+    """``plan(case)``: the request SlurmBackend plans for a case, as the golden submitter."""
+
+    def make(name: str) -> SlurmRequest:
+        cluster, overrides = CASES[name]
+        job = _job(*overrides)
+        backend = SlurmBackend(cluster, "c.yaml")
+        with monkeypatch.context() as m:
+            m.setattr(os, "getcwd", lambda: WORKDIR)
+            m.setattr(sys, "executable", "python")
+            if not storage.is_local(job.output_uri):  # else a folder named by the time (test_backends)
+                m.setattr(backend, "folder", lambda job: Path(LAUNCHER_DIR))
+            return backend.plan(job)
+
+    return make
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_rendered_script_matches_golden_file(name: str) -> None:
-    script = _render(name)
+def test_rendered_script_matches_golden_file(plan, name: str) -> None:
+    script = plan(name).script
     golden = GOLDEN / f"{name}.sbatch"
     if os.environ.get("SFTC_UPDATE_GOLDEN"):
         golden.write_text(script)
+        pytest.fail(f"SFTC_UPDATE_GOLDEN: rewrote {golden}; review the diff, then rerun without it")
     assert golden.exists(), f"missing {golden}: run with SFTC_UPDATE_GOLDEN=1 once and review it"
     assert script == golden.read_text(), f"{name}: rendered script differs from {golden}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_rendered_script_parses(name: str) -> None:
-    result = subprocess.run(["bash", "-n"], input=_render(name), capture_output=True, text=True)
+def test_rendered_script_parses(plan, name: str) -> None:
+    result = subprocess.run(["bash", "-n"], input=plan(name).script, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
-def test_cluster_fields_become_sbatch_lines() -> None:
-    lines = [line for line in _render("ray-h100").splitlines() if line.startswith("#SBATCH")]
+def test_cluster_fields_become_sbatch_lines(plan) -> None:
+    script = plan("ray-h100").script
+    lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --nodes=2" in lines  # 16 workers / (8 GPUs a node / 1 GPU a worker)
     for expected in (
         "--partition=gpu",
@@ -110,22 +133,22 @@ def test_cluster_fields_become_sbatch_lines() -> None:
         '"--comment=sft run"',
     ):
         assert f"#SBATCH {expected}" in lines, expected
-    script = _render("ray-h100")
     assert "module load cuda/12.4\nmodule load nccl\n" in script
     assert "\nsource /shared/venvs/sft/bin/activate\n" in script
     assert "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'" in script
     assert "MAX_REQUEUES=5" in script
 
 
-def test_torchrun_line() -> None:
-    script = _render("torchrun-apptainer")
-    assert "-m sft_cluster.launch.slurm_torchrun" in script
+def test_torchrun_line(plan) -> None:
+    script = plan("torchrun-apptainer").script
+    assert '-m sft_cluster.driver "$JOB_YAML" --executor=torchrun' in script
     assert "--nnodes=2 --nproc-per-node=8" in script
-    assert '--rdzv-backend=c10d --rdzv-endpoint="$rdzv_endpoint"' in script
+    assert '--rdzv-endpoint="$rdzv_endpoint"' in script
     assert "container_exec=(apptainer exec --pwd /home/me/sft /shared/sft.sif)" in script
 
 
-def _hostile_render(tmp_path: Path) -> str:
+def _hostile_render(tmp_path: Path, monkeypatch) -> str:
+    """Hostile cluster values, and a submitter whose folder and run directory have hostile names."""
     cluster = _cluster(
         partition="debug",
         constraint=HOSTILE,
@@ -133,25 +156,53 @@ def _hostile_render(tmp_path: Path) -> str:
         modules=[HOSTILE],
         container={"kind": "apptainer", "image": HOSTILE, "mounts": [HOSTILE]},
     )
-    out = tmp_path / HOSTILE.replace("/", "_")
-    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={out}"])
-    return render(job, cluster, run_dir=str(out / "slurm"), workdir=str(tmp_path / HOSTILE.replace("/", "_")))
+    here = tmp_path / HOSTILE.replace("/", "_")
+    here.mkdir()
+    monkeypatch.chdir(here)
+    job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={here / 'run'}"])
+    return SlurmBackend(cluster, "c.yaml").plan(job).script
 
 
-def test_hostile_values_are_quoted(tmp_path: Path) -> None:
-    script = _hostile_render(tmp_path)
+def _quoting(line: str) -> list[str]:
+    """Bash's quoting of each character of ``line``: "'" or '"' inside such quotes, "" when bare."""
+    states, state, escaped = [], "", False
+    for char in line:
+        if escaped:
+            escaped = False
+        elif char == "\\" and state != "'":
+            escaped = True
+        elif char in "'\"" and state in ("", char):
+            state = "" if state == char else char
+            states.append(char)  # the quote character itself
+            continue
+        states.append(state)
+    return states
+
+
+INJECTIONS = re.compile(r"\$\(touch|`touch|; touch")
+
+
+def test_hostile_values_are_quoted(tmp_path: Path, monkeypatch) -> None:
+    """Every injection is inside single quotes (shell lines) or sbatch's double quotes (#SBATCH)."""
+    script = _hostile_render(tmp_path, monkeypatch)
     result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    checked = {"#SBATCH": 0, "shell": 0}
     for line in script.splitlines():
-        if "touch /tmp/pwned" in line:
-            # inside single quotes (shell) or double quotes (#SBATCH): never bare
-            assert "'" in line or line.startswith('#SBATCH "'), line
+        sbatch = line.startswith("#SBATCH ")
+        states = _quoting(line.removeprefix("#SBATCH ") if sbatch else line)
+        offset = len("#SBATCH ") if sbatch else 0
+        for match in INJECTIONS.finditer(line):
+            quoted = states[match.start() - offset : match.end() - offset]
+            assert set(quoted) == {'"' if sbatch else "'"}, line
+            checked["#SBATCH" if sbatch else "shell"] += 1
+    assert checked["#SBATCH"] >= 6 and checked["shell"] >= 6, checked  # constraint, comment; modules, ...
 
 
-def test_hostile_values_run_inert(tmp_path: Path) -> None:
+def test_hostile_values_run_inert(tmp_path: Path, monkeypatch) -> None:
     """Execute every assignment and `module load` line of the hostile script: nothing runs."""
     marker = tmp_path / "pwned"
-    script = _hostile_render(tmp_path).replace("/tmp/pwned", str(marker))
+    script = _hostile_render(tmp_path, monkeypatch).replace("/tmp/pwned", str(marker))
     lines = [
         line
         for line in script.splitlines()
@@ -169,8 +220,7 @@ def test_hostile_values_run_inert(tmp_path: Path) -> None:
     result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not marker.exists(), "a hostile value executed"
-    assert str(marker).replace(str(marker), str(marker)) in result.stdout  # the literal text came through
-    assert HOSTILE.replace("/tmp/pwned", str(marker)) in result.stdout
+    assert HOSTILE.replace("/tmp/pwned", str(marker)) in result.stdout  # the literal text came through
 
 
 def test_sbatch_quote_follows_sbatch_parser() -> None:
@@ -180,33 +230,30 @@ def test_sbatch_quote_follows_sbatch_parser() -> None:
         sbatch_quote("--comment=a\nb")
 
 
-def test_setup_must_be_one_line() -> None:
-    with pytest.raises(LaunchError, match="one shell line"):
-        render(_job(), _cluster(setup="source a\nrm -rf /"), run_dir="/r", workdir="/w")
+@pytest.mark.parametrize(
+    ("cluster", "overrides", "message"),
+    [
+        ({"setup": "source a\nrm -rf /"}, (), "one shell line"),
+        ({"signal": "B:USR2@60"}, (), "SIGUSR2"),
+        ({"nodes": 2, "launcher": "torchrun"}, ("resources.num_workers=3",), "does not divide"),
+    ],
+)
+def test_plan_refuses_a_script_that_cannot_run(cluster: dict, overrides: tuple, message: str) -> None:
+    with pytest.raises(LaunchError, match=message):
+        SlurmBackend(_cluster(**cluster), "c.yaml").plan(_job(*overrides))
 
 
-def test_signal_must_be_a_preemption_signal() -> None:
-    with pytest.raises(LaunchError, match="SIGUSR2"):
-        render(_job(), _cluster(signal="B:USR2@60"), run_dir="/r", workdir="/w")
-
-
-def test_torchrun_workers_must_divide_over_nodes() -> None:
-    with pytest.raises(LaunchError, match="does not divide"):
-        render(
-            _job("resources.num_workers=3"),
-            _cluster(nodes=2, launcher="torchrun"),
-            run_dir="/r",
-            workdir="/w",
-        )
-
-
-def test_dry_run_returns_the_script_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+def test_dry_run_is_the_script_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={out}"])
-    script = SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job, dry_run=True)
-    assert isinstance(script, str) and script.startswith("#!/bin/bash")
-    assert f"#SBATCH --output={out}/slurm/slurm-%j.out" in script
+    request = SlurmBackend(_cluster(partition="debug"), "c.yaml").plan(job)
+    assert request.script.startswith("#!/bin/bash")
+    assert f"#SBATCH --output={out}/slurm/slurm-%j.out" in request.script
+    assert request.folder == out / "slurm" and request.script_path == out / "slurm" / "job.sbatch"
+    script, strategy = request.dry_run()
+    assert script == Printed(request.script, verbatim=True)  # on stdout, as it is: it can be piped
+    assert strategy.stderr and strategy.text.startswith("# strategy.json")
     assert not out.exists()
 
 
@@ -214,15 +261,17 @@ def test_secrets_never_reach_the_script(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
     monkeypatch.setenv("HF_TOKEN", "hf_sekrit_456")
     job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={tmp_path}/run"])
-    script = SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job, dry_run=True)
-    assert "sekrit" not in script
+    request = SlurmBackend(_cluster(partition="debug"), "c.yaml").plan(job)
+    assert not any("sekrit" in part.text for part in request.dry_run())
+    assert "sekrit" not in request.job_yaml
 
 
 def test_sbatch_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     job = load_job(REPO / "jobs" / "smoke.yaml", [f"output_uri={tmp_path}/run"])
+    backend = SlurmBackend(_cluster(partition="debug"), "c.yaml")
     with pytest.raises(LaunchError, match="'sbatch' not found"):
-        SlurmBackend(_cluster(partition="debug"), "c.yaml").submit(job)
+        backend.launch(backend.plan(job))
 
 
 CHILD = """
@@ -237,15 +286,14 @@ time.sleep(60)
     ("restarts", "stop", "requeued"), [("0", False, True), ("3", False, False), ("0", True, False)]
 )
 def test_trap_forwards_the_signal_and_requeues_on_75(
-    tmp_path: Path, restarts: str, stop: bool, requeued: bool
+    plan, tmp_path: Path, restarts: str, stop: bool, requeued: bool
 ) -> None:
     """The script's own machinery, with a stand-in for the training and for scontrol;
     ``stop``: the request ``sft-cluster stop`` leaves, which ends the job without a requeue."""
     import signal
-    import sys
     import time
 
-    header = _render("torchrun-local").split("# --- torchrun")[0]
+    header = plan("torchrun-local").script.split("# --- torchrun")[0]
     header = header.replace("cd /home/me/sft", f"cd {tmp_path}")
     header = header.replace("RUN_DIR=/shared/runs/smoke/slurm", f"RUN_DIR={tmp_path}")
     script = tmp_path / "job.sh"
