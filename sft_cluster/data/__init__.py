@@ -1,8 +1,9 @@
 """Training data: read sources, normalise records to chat messages, plan, stream and pack.
 
 The driver checks sources before any worker starts (``check_sources``) and
-plans them once (``build_plan``); each worker streams its own share of the plan
-(``PackedDataset`` in ``sft_cluster.data.stream``, which needs torch) with a
+plans them once (``build_plan``); each worker reads its own share of the plan
+(``RankStream`` in ``sft_cluster.data.reader``) and packs it into rows
+(``PackedDataset`` in ``sft_cluster.data.stream``, which needs torch), with a
 cursor that is saved in every checkpoint.
 """
 

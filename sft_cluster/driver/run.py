@@ -94,7 +94,11 @@ def drive(
     world_size, nodes = executor.world(job)
     try:
         prepared = prepare(
-            job, world_size, nodes, lambda message: console.print(message, highlight=False), started_at
+            job,
+            world_size,
+            nodes,
+            lambda message: console.print(message, highlight=False, soft_wrap=True),
+            started_at,
         )
     except (DataError, RunRefused) as exc:
         # Refused before anything was written: the run directory is as it was.

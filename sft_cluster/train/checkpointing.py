@@ -1,7 +1,8 @@
 """Our commit protocol on top of the Trainer's own save, and resume from the newest commit.
 
 The Trainer writes ``checkpoint-N`` to node-local staging (model, optimizer,
-scheduler, every rank's RNG). Each rank then uploads its share in a
+scheduler, every rank's RNG), and each rank adds its own named states (its data
+cursor: ``data-cursor/rank-NNNNN.json``). Each rank then uploads its share in a
 background thread while training goes on; once every rank's upload is done
 (checked with one tiny all-reduce per step while an upload is pending), rank 0
 writes ``manifest.json`` and then ``COMMITTED``, and prunes old checkpoints.
@@ -10,23 +11,59 @@ At most one upload is in flight; the end of training waits for the last one.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
 from sft_cluster.checkpoint import CheckpointStore, Manifest
 from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file
+from sft_cluster.data import DataError
 from sft_cluster.spec import CheckpointSpec
-from sft_cluster.train import collectives, signals, staging
+from sft_cluster.train import collectives, compat, signals, staging
 
 log = logging.getLogger("sft_cluster.checkpoint")
+
+
+class Stateful(Protocol):
+    """A rank's own state saved in every checkpoint (as ``torch.distributed.checkpoint``'s Stateful)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+def state_file(name: str, rank: int) -> str:
+    """Where rank ``rank`` keeps its state ``name`` inside a checkpoint folder."""
+    return f"{name}/rank-{rank:05d}.json"
+
+
+def stage_states(folder: Path, states: Mapping[str, Stateful], rank: int) -> None:
+    """Write this rank's ``states`` into a staged checkpoint folder (JSON, one file per state)."""
+    for name, state in states.items():
+        path = folder / state_file(name, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state.state_dict()))
+
+
+def restore_states(folder: Path, states: Mapping[str, Stateful], rank: int) -> None:
+    """Load this rank's ``states`` from a checkpoint folder; DataError when one was not saved there."""
+    for name, state in states.items():
+        path = folder / state_file(name, rank)
+        if not path.exists():
+            raise DataError(
+                f"checkpoint {folder.name} has no {name.replace('-', ' ')} for rank {rank} "
+                "(written by another world size or an older version); resume with the world size "
+                "the run started with, or start a new output_uri"
+            )
+        state.load_state_dict(json.loads(path.read_text()))
 
 
 def files_of_rank(local: Path, rank: int, world_size: int) -> list[str]:
@@ -92,16 +129,17 @@ class CommitCallback(TrainerCallback):
         rank: int,
         world_size: int,
         on_commit: Callable[[int], None] | None = None,
-        stage_extra: Callable[[Path, int], None] | None = None,
+        states: Mapping[str, Stateful] | None = None,
         before_commit: Callable[[int], None] | None = None,
         metadata: dict[str, Any] | None = None,
         verify_fast: bool = False,
     ):
-        """``stage_extra(folder, step)`` adds this rank's own files (its data cursor) to a checkpoint;
-        rank 0 calls ``before_commit(step)`` just before ``COMMITTED`` (make metrics durable) and
-        writes ``metadata`` into every manifest."""
+        """``states`` are this rank's own, saved into every checkpoint by name (``{"data-cursor": ...}``
+        is ``data-cursor/rank-NNNNN.json``) and loaded back by ``restore_states``; rank 0 calls
+        ``before_commit(step)`` just before ``COMMITTED`` (make metrics durable) and writes
+        ``metadata`` into every manifest."""
         self.store = store
-        self.stage_extra = stage_extra
+        self.states = states or {}
         self.spec = spec
         self.rank = rank
         self.world_size = world_size
@@ -126,9 +164,8 @@ class CommitCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.finish()  # at most one upload in flight
-        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.stage_extra is not None:
-            self.stage_extra(local, state.global_step)
+        local = compat.trainer_checkpoint_dir(args.output_dir, state.global_step)
+        stage_states(local, self.states, self.rank)
         if self.rank == 0:
             self.store.begin(state.global_step)  # a re-saved step stops looking committed first
         collectives.barrier()  # every rank's files are staged, and the old marker is gone

@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 
+from sft_cluster.train import compat
+
 T = TypeVar("T")
 
 _control: list[Any] = []  # [default group, its control group], once made
@@ -36,12 +38,6 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _serves_cpu() -> bool:
-    """Whether the default group has a backend for CPU tensors ("cpu:gloo,cuda:nccl" has)."""
-    config = str(dist.get_backend_config())
-    return any(part.split(":")[0].strip() == "cpu" for part in config.split(","))
-
-
 def control_group() -> Any:
     """The group control data goes over; made once per default group, by every rank alike.
 
@@ -50,7 +46,8 @@ def control_group() -> Any:
     """
     default = dist.group.WORLD
     if not _control or _control[0] is not default:  # none yet, or one of a destroyed default group
-        _control[:] = [default, default if _serves_cpu() else dist.new_group(backend="gloo")]
+        control = default if compat.default_group_serves_cpu() else dist.new_group(backend="gloo")
+        _control[:] = [default, control]
     return _control[1]
 
 

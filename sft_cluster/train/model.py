@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from transformers.utils import is_flash_attn_2_available
 from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
 from sft_cluster.spec.templates import read_template
+from sft_cluster.train import compat
 
 log = logging.getLogger("sft_cluster.train")
 
@@ -55,26 +54,6 @@ def load_chat(job: JobSpec) -> ChatEncoder:
     return ChatEncoder(load_tokenizer(job.model), job.model.name_or_path, job.data.assistant_only_loss)
 
 
-@contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """Build the model whole even when the Trainer has ZeRO-3 set up.
-
-    Under ``zero.Init`` a model built from a config draws its random weights
-    per partition, so the same seed gives other weights than under DDP or
-    FSDP; DeepSpeed partitions the whole model when the Trainer prepares it.
-    Loaded weights keep ``zero.Init`` (they are the same either way).
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if ref is not None and ref() is not None:
-            hf_deepspeed.set_hf_deepspeed_config(ref())
-
-
 def attention_implementation(requested: str) -> str:
     """``flash_attention_2`` where the flash_attn package and a CUDA GPU are there, else ``sdpa``.
 
@@ -106,9 +85,10 @@ def build_model(model: ModelSpec, seed: int, vocab_size: int | None = None) -> t
     attention = attention_implementation(model.attn_implementation)
     if model.from_config:
         config = AutoConfig.from_pretrained(path, **common)
-        config._attn_implementation = attention
+        compat.set_attention(config, attention)
         transformers.set_seed(seed)
-        with _without_zero3_init():
+        # Whole, then partitioned when the Trainer prepares it; loaded weights keep zero.Init.
+        with compat.without_zero3_init():
             built = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     else:
         built = AutoModelForCausalLM.from_pretrained(
@@ -146,38 +126,22 @@ def parameter_share(model: torch.nn.Module) -> float:
     FSDP2 parameters are DTensors (``to_local`` is this rank's shard); ZeRO-3
     parameters keep their partition in ``ds_tensor`` and the full size in ``ds_numel``.
     """
-    local = total = 0
-    for param in model.parameters():
-        if hasattr(param, "ds_numel"):
-            total += param.ds_numel
-            local += param.ds_tensor.numel()
-        elif hasattr(param, "to_local"):
-            total += param.numel()
-            local += param.to_local().numel()
-        else:
-            total += param.numel()
-            local += param.numel()
-    return local / total if total else 1.0
+    shares = [compat.zero3_partition(param) or _dtensor_share(param) for param in model.parameters()]
+    total = sum(size for _, size in shares)
+    return sum(held for held, _ in shares) / total if total else 1.0
+
+
+def _dtensor_share(param: torch.Tensor) -> tuple[int, int]:
+    """(elements this rank holds, elements in all) of a parameter, sharded (DTensor) or not."""
+    return (param.to_local().numel() if hasattr(param, "to_local") else param.numel()), param.numel()
 
 
 def _full_state_dict(trainer) -> dict[str, torch.Tensor]:
     """Every rank calls this; the main process gets the whole (gathered) state dict."""
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-        # Gathers the partitions whatever stage3_gather_16bit_weights_on_model_save says
-        # (that option is about intermediate checkpoints; final/ is always whole).
-        return trainer.model_wrapped._zero3_consolidated_16bit_state_dict()
+        return compat.zero3_full_state_dict(trainer.model_wrapped)
     return accelerator.get_state_dict(trainer.model_wrapped)
-
-
-def _without_tied_copy(model, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """A gathered state dict (FSDP2) holds tied embeddings twice, and ``save_pretrained`` would
-    write both: the output embedding's copy goes, as a tied model saves it."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if state_dict is None or output is None or not model.config.get_text_config().tie_word_embeddings:
-        return state_dict
-    key = next((f"{name}.weight" for name, module in model.named_modules() if module is output), None)
-    return {name: tensor for name, tensor in state_dict.items() if name != key}
 
 
 def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> None:
@@ -195,14 +159,12 @@ def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> 
     model = trainer.accelerator.unwrap_model(trainer.model)
     lora = job.strategy.lora
     if lora is not None and lora.merge:
-        from peft import get_peft_model
-
-        with _without_zero3_init():  # the copy is built whole, on this rank only
+        with compat.without_zero3_init():  # the copy is built whole, on this rank only
             base = build_model(job.model, job.train.seed, len(encoder.tokenizer))
-        merged = get_peft_model(base, model.peft_config["default"])
-        merged.load_state_dict(state_dict)
-        model, state_dict = merged.merge_and_unload(), None
-    model.save_pretrained(str(out), state_dict=_without_tied_copy(model, state_dict), safe_serialization=True)
+        model, state_dict = compat.lora_copy(base, model, state_dict).merge_and_unload(), None
+    model.save_pretrained(
+        str(out), state_dict=compat.drop_tied_copy(model, state_dict), safe_serialization=True
+    )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     generation_config_for(base, encoder).save_pretrained(str(out))
     encoder.tokenizer.save_pretrained(str(out))

@@ -60,8 +60,8 @@ def worker_report(
         "rank": rank,
         "world_size": world_size,
         "hostname": socket.gethostname(),
-        # Slurm's node name tells fake (or containerised) nodes on one host apart.
-        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        # The launcher's node name tells fake (or containerised) nodes on one host apart.
+        "node": staging.node_name(),
         "ray_node_id": os.environ.get(staging.NODE_ENV),
         "pid": os.getpid(),
         "distributed_type": trainer.accelerator.distributed_type.value,

@@ -5,12 +5,12 @@ derives the Trainer arguments (FSDP plugin settings, the DeepSpeed JSON with
 ``train_batch_size = micro x grad_accum x world``) from the spec, and the
 same plan is written to the run directory and printed by ``--dry-run``.
 
-Two narrow workarounds make the CPU path real (see docs/strategies.md):
-DeepSpeed needs accelerate to reuse the gloo group the launcher created, and
-accelerate enables FSDP only for GPU device types, so on CPU the shared
-``PartialState`` is marked MULTI_GPU before the Trainer builds its
-Accelerator (accelerate 1.15 pinned; the device stays CPU). On GPUs neither
-is touched: accelerate's own FSDP path and DeepSpeed's CUDA accelerator run.
+Two narrow workarounds make the CPU path real (see docs/strategies.md and
+``sft_cluster.train.compat``): DeepSpeed needs accelerate to reuse the gloo
+group the launcher created, and accelerate enables FSDP only for GPU device
+types, so on CPU the shared state is marked MULTI_GPU before the Trainer
+builds its Accelerator (the device stays CPU). On GPUs neither is touched:
+accelerate's own FSDP path and DeepSpeed's CUDA accelerator run.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_cluster.spec import JobSpec, ModelSpec, resolve_builtin
-
-# Where DeepSpeed caches its JIT-compiled ops (the Makefile points it into the repo).
-TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+from sft_cluster.train import compat
 
 
 def gpu_worker(job: JobSpec) -> bool:
@@ -91,12 +89,12 @@ class StrategyPlan:
 
 def decoder_layer_class(model: ModelSpec) -> str:
     """The model's own decoder-layer class (FSDP wraps each one), read from its config only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = resolve_builtin(model.name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    return list(model_class._no_split_modules)[0]
+    return compat.decoder_layer_class(
+        AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    )
 
 
 def deepspeed_config(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -> dict[str, Any]:
@@ -172,11 +170,9 @@ def plan_strategy(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -
     elif kind == "deepspeed":
         plan.deepspeed = deepspeed_config(job, world_size, precision, on_gpu)
         plan.trainer_args["deepspeed"] = plan.deepspeed
-        # accelerate must keep the process group the launcher made (gloo on CPU).
+        # accelerate must keep the process group the launcher made (compat.shared_state_for_deepspeed).
         plan.trainer_args["accelerator_config"] = {"use_configured_state": True}
-        plan.env["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if not on_gpu:
-            plan.env["DS_ACCELERATOR"] = "cpu"
+        plan.env.update(compat.deepspeed_env(on_gpu))
     plan.trainer_args["gradient_checkpointing"] = gradient_checkpointing
     return plan
 
@@ -195,10 +191,10 @@ def select_gpu() -> int:
 
     Under torchrun it is ``cuda:LOCAL_RANK``. Under Ray Train every worker of a
     node sees all of the node's GPUs (CUDA_VISIBLE_DEVICES) and
-    ``ray.train.torch.get_device()`` names this worker's; accelerate's barrier
-    and DeepSpeed's engine both index the device by LOCAL_RANK, so LOCAL_RANK
-    becomes that index where the two differ (more than one GPU per worker).
-    Ray orders local ranks by lowest GPU id, so local rank 0 stays index 0.
+    ``ray.train.torch.get_device()`` names this worker's; LOCAL_RANK becomes
+    that index where the two differ (more than one GPU per worker, see
+    ``compat.align_local_rank``). Ray orders local ranks by lowest GPU id, so
+    local rank 0 stays index 0.
     """
     import torch
 
@@ -208,7 +204,7 @@ def select_gpu() -> int:
     else:
         index = device.index
     if device is not None:  # Ray already points accelerate at it (ACCELERATE_TORCH_DEVICE)
-        os.environ["LOCAL_RANK"] = str(index)
+        compat.align_local_rank(index)
     torch.cuda.set_device(index)
     return index
 
@@ -219,26 +215,17 @@ def prepare_process(plan: StrategyPlan, on_gpu: bool) -> None:
         select_gpu()
     os.environ.update(plan.env)
     if plan.kind == "deepspeed":
-        from accelerate import PartialState
-
         if on_gpu:
-            # An inherited DS_ACCELERATOR=cpu (from a CPU run's environment) would keep tensors off the GPU.
-            os.environ["DS_ACCELERATOR"] = "cuda"
-        PartialState(backend="nccl" if on_gpu else "gloo")
+            compat.force_deepspeed_cuda()
+        compat.shared_state_for_deepspeed(on_gpu)
 
 
 def prepare_trainer(plan: StrategyPlan, on_gpu: bool) -> None:
-    """After the SFTConfig, before the Trainer builds its Accelerator.
-
-    accelerate turns FSDP on only for GPU-type distributed states; marking the
-    CPU state MULTI_GPU routes it to ``fully_shard`` while every tensor stays
-    on CPU and the gloo group is reused.
+    """After the SFTConfig, before the Trainer builds its Accelerator: FSDP on CPU ranks goes through
+    ``fully_shard`` (``compat.route_cpu_fsdp``) while every tensor stays on CPU and the gloo group is reused.
     """
     if plan.kind == "fsdp" and not on_gpu:
-        from accelerate import PartialState
-        from accelerate.utils import DistributedType
-
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        compat.route_cpu_fsdp()
 
 
 def describe_strategy(job: JobSpec) -> dict[str, Any]:

@@ -31,8 +31,11 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
+    from sft_cluster import storage
     from sft_cluster.checkpoint import CheckpointStore
+    from sft_cluster.data import DataError, build_plan
     from sft_cluster.spec import CheckpointSpec, load_job
+    from sft_cluster.tracking import run_dir_of
     from sft_cluster.train import collectives, signals
     from sft_cluster.train.checkpointing import (
         CommitCallback,
@@ -41,7 +44,7 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
         find_resume_step,
     )
     from sft_cluster.train.evaluation import EvalCallback
-    from sft_cluster.train.worker import _claimed_plan, _plan_from_rank0
+    from sft_cluster.train.plans import plan_from_rank0, prepared_plan
 
     out: dict = {}
     try:  # the default group really is CUDA-only, as NCCL's is
@@ -99,13 +102,22 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     )
     out["eval_loss"] = evaluator.evaluate()
 
-    # The plan: rank 0 claims the run and makes it, every rank gets the same one.
+    # The plan: before the driver wrote it, rank 0's failure to read it reaches every rank; once
+    # written (by rank 0 here, as the driver would), rank 0 reads it and every rank gets the same one.
     job_yaml = str(REPO / "jobs" / "smoke.yaml")
-    job = load_job(job_yaml, [f"output_uri={tmp / 'claimed'}"])
-    sink = SimpleNamespace(emit=lambda event: None)
-    claimed = _claimed_plan(job, rank, WORLD, True, sink)
-    out["claimed_plan"] = claimed.to_json()
-    out["plan"] = _plan_from_rank0(rank, lambda: claimed if rank == 0 else None).to_json()
+    job = load_job(job_yaml, [f"output_uri={tmp / 'prepared'}"])
+    try:
+        prepared_plan(job, rank)
+    except DataError as exc:
+        out["unprepared"] = str(exc)
+    if rank == 0:
+        run = run_dir_of(job)
+        plan = build_plan(job.data, job.storage, WORLD, job.train.seed)
+        storage.write_text(run.plan, plan.to_json(), run.options)
+    collectives.barrier()
+    prepared = prepared_plan(job, rank)
+    out["prepared_plan"] = prepared.to_json()
+    out["plan"] = plan_from_rank0(rank, lambda: prepared if rank == 0 else None).to_json()
 
     # train.epochs: each rank counts its own share, all get the same steps; then the saved count is read.
     from sft_cluster.data.epochs import count_rows
@@ -113,12 +125,12 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     from sft_cluster.train.steps import resolve_steps
     from tests.unit.test_data_plan import FakeEncoder
 
-    epochs = load_job(job_yaml, [f"output_uri={tmp / 'claimed'}", "train.max_steps=null", "train.epochs=1"])
-    first = resolve_steps(epochs, claimed, FakeEncoder(), {}, lambda message: None)
-    again = resolve_steps(epochs, claimed, FakeEncoder(), {}, lambda message: None)
+    epochs = load_job(job_yaml, [f"output_uri={tmp / 'prepared'}", "train.max_steps=null", "train.epochs=1"])
+    first = resolve_steps(epochs, prepared, FakeEncoder(), {}, lambda message: None)
+    again = resolve_steps(epochs, prepared, FakeEncoder(), {}, lambda message: None)
     out["epoch_steps"] = [[first.max_steps, first.steps_per_epoch], [again.max_steps, again.steps_per_epoch]]
     keep = train_filter(epochs.data)
-    out["own_rows"] = count_rows(claimed, rank, epochs.data, epochs.storage, FakeEncoder(), keep=keep)
+    out["own_rows"] = count_rows(prepared, rank, epochs.data, epochs.storage, FakeEncoder(), keep=keep)
     return out
 
 
@@ -158,18 +170,20 @@ def test_every_control_plane_helper_runs_on_a_cuda_only_default_group(tmp_path):
         assert result["resume_step"] == 5 and result["fetched_exist"]
         # per eval token: rank 0 has 2 counted tokens of 1.0, rank 1 has 4 of 2.0 (labels shift by one)
         assert result["eval_loss"] == pytest.approx((1.0 * 2 + 2.0 * 4) / 6)
+        assert "the run was not prepared by the driver" in result["unprepared"]
     # config.json is staged by both ranks and uploaded (and fetched) by rank 0 only.
     assert results[0]["my_files"] == ["config.json", "rng_state_0.pth"]
     assert results[1]["my_files"] == ["rng_state_1.pth"]
     assert "config.json" in results[0]["fetched"] and "config.json" not in results[1]["fetched"]
-    assert results[0]["claimed_plan"] == results[1]["claimed_plan"]
+    assert results[0]["prepared_plan"] == results[1]["prepared_plan"]
     assert results[0]["plan"] == results[1]["plan"]
     assert results[0]["epoch_steps"] == results[1]["epoch_steps"]
     assert results[0]["epoch_steps"][0] == results[0]["epoch_steps"][1]
-    saved = json.loads((tmp_path / "claimed" / "epochs.json").read_text())
+    saved = json.loads((tmp_path / "prepared" / "epochs.json").read_text())
     assert saved["rows_per_rank"] == [results[0]["own_rows"], results[1]["own_rows"]]
     events = [
-        json.loads(line)["event"] for line in (tmp_path / "claimed" / "events.jsonl").read_text().splitlines()
+        json.loads(line)["event"]
+        for line in (tmp_path / "prepared" / "events.jsonl").read_text().splitlines()
     ]
     assert events.count("epochs_counted") == 1
 

@@ -10,7 +10,7 @@ import pytest
 
 from sft_cluster.data import list_sources, make_plan
 from sft_cluster.data.evalset import eval_batches, eval_data, in_eval_split, train_filter
-from sft_cluster.data.stream import RankStream
+from sft_cluster.data.reader import RankStream
 from sft_cluster.spec import DataSpec, StorageSpec
 from tests.unit.test_data_plan import FakeEncoder, record
 

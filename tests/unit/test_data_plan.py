@@ -24,8 +24,9 @@ from sft_cluster.data import DataError, build_plan, make_plan, plan_changes
 from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.packing import IGNORE_INDEX, best_fit, pack
 from sft_cluster.data.plan import ShardPlan
+from sft_cluster.data.reader import RankStream, read_unit
 from sft_cluster.data.records import ObjectInfo, source_options
-from sft_cluster.data.stream import PackedDataset, PackedRowStream, RankStream, read_unit
+from sft_cluster.data.stream import PackedDataset, PackedRowStream
 from sft_cluster.spec import DataSpec, StorageSpec, resolve_builtin
 
 STORE = StorageSpec()
@@ -387,8 +388,13 @@ def test_packed_dataset_yields_tensors_and_a_cursor(tmp_path):
     resumed = PackedDataset(plan, 0, data, STORE, FakeEncoder(), state, window_rows=2)
     fresh = PackedDataset(plan, 0, data, STORE, FakeEncoder(), window_rows=2)
     after = next(iter(torch.utils.data.DataLoader(resumed, batch_size=4)))
+    reference = next(iter(torch.utils.data.DataLoader(fresh, batch_size=12)))["input_ids"]
+    assert torch.equal(after["input_ids"], reference[4:8])
+    # Stateful: state_dict() is the cursor after every row handed out (8 here), load_state_dict starts there.
+    loaded = PackedDataset(plan, 0, data, STORE, FakeEncoder(), window_rows=2)
+    loaded.load_state_dict(json.loads(json.dumps(dataset.state_dict())))
     assert torch.equal(
-        after["input_ids"], next(iter(torch.utils.data.DataLoader(fresh, batch_size=8)))["input_ids"][4:]
+        next(iter(torch.utils.data.DataLoader(loaded, batch_size=4)))["input_ids"], reference[8:]
     )
 
 

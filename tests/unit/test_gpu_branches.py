@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft_cluster.driver.environment import ray_worker_runtime_env
 from sft_cluster.launch.slurm import render
 from sft_cluster.spec import CLUSTER_ADAPTER, load_job
+from sft_cluster.train import compat, strategy, trainer
 from sft_cluster.train import model as model_module
-from sft_cluster.train import strategy, worker
-from sft_cluster.train.environment import ray_worker_runtime_env
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_JOB = ("resources.gpus_per_worker=1", "strategy.precision=auto")
@@ -33,20 +33,17 @@ def _job(*overrides: str):
 @pytest.fixture
 def clean_state(monkeypatch):
     """The process environment and accelerate's shared state as they were before the test."""
-    from accelerate.state import AcceleratorState, PartialState
-
     saved = dict(os.environ)
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "DS_ACCELERATOR", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
     yield
     os.environ.clear()
     os.environ.update(saved)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+    compat.reset_accelerate_state()
 
 
 def _gpu_sft_config(monkeypatch, tmp_path: Path, *overrides: str):
-    """The SFTConfig ``_sft_config`` builds for a GPU worker (plan made with on_gpu=True).
+    """The SFTConfig ``sft_config`` builds for a GPU worker (plan made with on_gpu=True).
 
     MOCK: transformers refuses bf16 without a GPU that has it; it is told this machine has one.
     The shared state that prepare_process would make with NCCL is a marked CPU one here, and
@@ -62,7 +59,7 @@ def _gpu_sft_config(monkeypatch, tmp_path: Path, *overrides: str):
     plan = strategy.plan_strategy(job, world_size=1, precision=precision, on_gpu=True)
     if plan.kind == "deepspeed":
         PartialState().distributed_type = DistributedType.DEEPSPEED
-    return worker._sft_config(job, str(tmp_path), precision, True, plan), plan
+    return trainer.sft_config(job, str(tmp_path), precision, True, plan), plan
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp", "deepspeed"])
@@ -82,7 +79,7 @@ def test_sft_config_on_cpu_stays_fp32_on_the_cpu(tmp_path, clean_state):
     job = _job("strategy.precision=auto")
     precision = strategy.resolve_precision(job, bf16_capable=False)
     plan = strategy.plan_strategy(job, world_size=1, precision=precision, on_gpu=False)
-    args = worker._sft_config(job, str(tmp_path), precision, False, plan)
+    args = trainer.sft_config(job, str(tmp_path), precision, False, plan)
     assert precision == "fp32" and args.use_cpu is True and args.bf16 is False
 
 

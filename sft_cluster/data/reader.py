@@ -1,0 +1,287 @@
+"""This rank's samples: the units the plan gave it, read, shuffled, mixed by weight and tokenized.
+
+``RankStream`` reads the units the plan gave this rank, one at a time (memory:
+one unit per source), shuffles each unit's records with a seed of (seed, epoch,
+unit) and tokenizes them with the chat template, forever. Sources are mixed by
+weight with a counter-based draw, so its whole state is a few integers.
+``sft_cluster.data.stream`` packs these samples into rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from jinja2 import TemplateError
+
+from sft_cluster import storage
+from sft_cluster.data.chat import ChatEncoder
+from sft_cluster.data.plan import ShardPlan, Unit, derive_seed
+from sft_cluster.data.records import (
+    BadRecords,
+    DataError,
+    ObjectInfo,
+    format_of,
+    iter_raw,
+    record_location,
+    source_options,
+    to_conversation,
+)
+from sft_cluster.spec import DataSpec, StorageSpec
+
+__all__ = ["Counters", "RankStream", "Sample", "read_lines", "read_unit"]
+
+_READ_BLOCK = 1 << 20
+
+
+def read_lines(
+    fs: AbstractFileSystem, path: str, start: int, end: int, size: int
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """The lines a byte range [start, end) owns: those whose first byte lies in it.
+
+    Returns the offset of the first owned line and (line index from it, line)
+    for each non-blank line. The partial line at ``start`` belongs to the
+    previous range (unless start == 0); the last line is read past ``end``.
+    Ranged reads (``cat_file``), so no read-ahead cache holds a second copy.
+    """
+    begin = max(start - 1, 0)  # the byte before ``start`` tells whether a line starts at ``start``
+    parts = [fs.cat_file(path, start=begin, end=end)]
+    position = end
+    while not parts[-1].endswith(b"\n") and position < size:
+        more = fs.cat_file(path, start=position, end=min(position + _READ_BLOCK, size))
+        if not more:
+            break
+        position += len(more)
+        cut = more.find(b"\n")
+        parts.append(more if cut < 0 else more[: cut + 1])
+        if cut >= 0:
+            break
+    lines = b"".join(parts).split(b"\n")
+    first = 0
+    if start > 0:
+        first = begin + len(lines[0]) + 1
+        if len(lines) == 1 or first >= end:
+            return first, []
+        lines = lines[1:]
+    return first, [(index, line) for index, line in enumerate(lines) if line.strip()]
+
+
+class _LineNamer:
+    """Absolute line numbers for a byte range, counted only when a bad line must be named."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, uri: str, first: int):
+        self.fs, self.path, self.uri, self.first = fs, path, uri, first
+        self.base: int | None = None
+
+    def __call__(self, index: int) -> str:
+        if self.base is None:
+            self.base = 0
+            with self.fs.open(self.path, "rb") as handle:
+                for _ in range(0, self.first, _READ_BLOCK * 8):
+                    self.base += handle.read(min(_READ_BLOCK * 8, self.first - handle.tell())).count(b"\n")
+        return f"{self.uri}:{self.base + index + 1}"
+
+
+@dataclass(slots=True)
+class Sample:
+    input_ids: list[int]
+    assistant_mask: list[int]  # 1 = trained
+    source: int
+    epoch: int
+
+
+@dataclass
+class Counters:
+    """What one source gave this rank so far (part of the cursor, so resume keeps counting)."""
+
+    samples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0  # over max_seq_len with truncation: drop
+    untrained: int = 0  # no trained token left (after truncation): dropped, never trained silently
+    bad: int = 0
+
+
+@dataclass
+class _Position:
+    epoch: int = 0
+    unit: int = 0  # index into this epoch's unit order
+    record: int = 0  # index into the unit's shuffled records
+    epoch_samples: int = 0  # a whole epoch without one sample is an error, not an endless loop
+
+
+class RankStream:
+    """This rank's samples, epoch after epoch, from ``state`` (a previous ``state()``) or the start."""
+
+    def __init__(
+        self,
+        plan: ShardPlan,
+        rank: int,
+        data: DataSpec,
+        store: StorageSpec,
+        encoder: ChatEncoder,
+        max_seq_len: int | None = None,
+        state: dict[str, Any] | None = None,
+        keep: Callable[[Any], bool] | None = None,
+    ):
+        """``keep(raw record)`` filters records before anything else (the train/eval split)."""
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is not in 0..{plan.world_size - 1}")
+        planned, named = [source.uri for source in plan.sources], [source.uri for source in data.sources]
+        if planned != named:
+            raise DataError(f"the data plan is for sources {planned}, the job names {named}")
+        self.plan, self.rank, self.data, self.encoder = plan, rank, data, encoder
+        self.keep = keep
+        self.max_seq_len = max_seq_len or data.max_seq_len
+        state = state or {}
+        count = len(plan.sources)
+        self.draws: int = state.get("draws", 0)
+        self.positions = [_Position(**p) for p in state.get("positions", [{}] * count)]
+        self.counters = [Counters(**c) for c in state.get("counters", [{}] * count)]
+        self.bad = BadRecords(data, sum(c.bad for c in self.counters), state.get("first_bad"))
+        self._options = [source_options(source, data, store) for source in data.sources]
+        self._cumulative = list(itertools.accumulate(source.weight for source in data.sources))
+        self._orders: list[tuple[int, list[Unit]] | None] = [None] * count
+        self._loaded: list[tuple[tuple[int, int], list[tuple[int, Any]], Callable[[int], str]] | None]
+        self._loaded = [None] * count
+
+    def state(self) -> dict[str, Any]:
+        """Small JSON: per source (epoch, unit, record, counters), the mixing counter, the first bad one."""
+        return {
+            "draws": self.draws,
+            "positions": [asdict(p) for p in self.positions],
+            "counters": [asdict(c) for c in self.counters],
+            "first_bad": self.bad.first,
+        }
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __next__(self) -> Sample:
+        while True:
+            source = self._pick()
+            raw, locate = self._next_raw(source)
+            sample = self._sample(source, raw, locate, self.positions[source].epoch)
+            if sample is not None:
+                self.positions[source].epoch_samples += 1
+                return sample
+
+    def one_pass(self) -> Iterator[Sample]:
+        """Every sample of this rank's share, once, source after source (an evaluation pass)."""
+        for source in range(len(self.plan.sources)):
+            for unit in self.plan.units(source, self.rank, 0):
+                records, locate = self._load(source, unit, 0)
+                for number, raw in records:
+                    sample = self._sample(source, raw, partial(locate, number), 0)
+                    if sample is not None:
+                        yield sample
+
+    def _sample(self, source: int, raw: Any, locate: Callable[[], str], epoch: int) -> Sample | None:
+        """One raw record as a tokenized sample, or None (bad and skipped, dropped, or not in the split)."""
+        if self.keep is not None and not self.keep(raw):
+            return None
+        counters = self.counters[source]
+        try:
+            conversation = to_conversation(raw, self.data.sources[source].columns, locate)
+        except DataError as exc:
+            counters.bad += 1
+            self.bad.skip(exc)
+            return None
+        try:
+            ids, mask = self.encoder.encode(conversation, conversation.tools)
+        except (TemplateError, DataError, TypeError, ValueError) as exc:
+            counters.bad += 1
+            self.bad.skip(DataError(f"{locate()}: the chat template cannot render this record: {exc}"))
+            return None
+        if len(ids) > self.max_seq_len:
+            if self.data.truncation == "drop":
+                counters.dropped += 1
+                return None
+            ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
+            counters.truncated += 1
+        if not any(mask[1:]):  # the first token of a packed sequence is never a label
+            counters.untrained += 1
+            return None
+        counters.samples += 1
+        counters.tokens += len(ids)
+        return Sample(ids, mask, source, epoch)
+
+    def _pick(self) -> int:
+        """The source of draw number ``draws``: a pure function of (seed, rank, draw), by weight."""
+        draw, self.draws = self.draws, self.draws + 1
+        if len(self._cumulative) == 1:
+            return 0
+        point = derive_seed(self.plan.seed, "mix", self.rank, draw) / 2**64 * self._cumulative[-1]
+        return min(bisect.bisect_right(self._cumulative, point), len(self._cumulative) - 1)
+
+    def _order(self, source: int, epoch: int) -> list[Unit]:
+        cached = self._orders[source]
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, self.plan.units(source, self.rank, epoch))
+            self._orders[source] = cached
+        return cached[1]
+
+    def _next_raw(self, source: int) -> tuple[Any, Callable[[], str]]:
+        """The next raw record of ``source`` on this rank, moving on to the next unit or epoch."""
+        position = self.positions[source]
+        while True:
+            order = self._order(source, position.epoch)
+            if position.unit == len(order):
+                if position.epoch_samples == 0:
+                    raise DataError(
+                        f"data.sources[{source}] ({self.plan.sources[source].uri}) gave rank {self.rank} "
+                        f"no sample in a whole pass over its {len(order)} unit(s) "
+                        f"(so far {self.counters[source]}): "
+                        "every record was bad, over max_seq_len or without a trained token, or there are "
+                        "fewer records than ranks"
+                    )
+                position.epoch, position.unit, position.record, position.epoch_samples = (
+                    position.epoch + 1,
+                    0,
+                    0,
+                    0,
+                )
+                continue
+            key = (position.epoch, position.unit)
+            loaded = self._loaded[source]
+            if loaded is None or loaded[0] != key:
+                loaded = (key, *self._load(source, order[position.unit], position.epoch))
+                self._loaded[source] = loaded
+            _, records, locate = loaded
+            if position.record < len(records):
+                number, raw = records[position.record]
+                position.record += 1
+                return raw, partial(locate, number)
+            position.unit, position.record = position.unit + 1, 0
+            self._loaded[source] = None
+
+    def _load(
+        self, source: int, unit: Unit, epoch: int
+    ) -> tuple[list[tuple[int, Any]], Callable[[int], str]]:
+        """This rank's records of one unit, shuffled for ``epoch``, and how to name one of them."""
+        obj = self.plan.sources[source].objects[unit.file]
+        records, locate = read_unit(obj, unit, self.data.sources[source].format, self._options[source])
+        random.Random(derive_seed(self.plan.seed, "records", source, epoch, unit.key)).shuffle(records)
+        return records, locate
+
+
+def read_unit(
+    obj: ObjectInfo, unit: Unit, declared_format: str | None, options: dict[str, Any]
+) -> tuple[list[tuple[int, Any]], Callable[[int], str]]:
+    """(number, raw record) for each record of ``unit`` this rank-slot owns, in file order,
+    and how to name a record by its number in an error."""
+    fmt, compression = format_of(obj.uri, declared_format)
+    if unit.end is None:
+        records = list(iter_raw(obj.uri, options, fmt, compression))
+        locate: Callable[[int], str] = partial(record_location, obj.uri, fmt)
+    else:
+        fs, path = storage.filesystem(obj.uri, options)
+        first, records = read_lines(fs, path, unit.start, unit.end, obj.size)
+        locate = _LineNamer(fs, path, obj.uri, first)
+    return records[unit.offset :: unit.stride], locate
