@@ -50,7 +50,7 @@ def commit_vs_put(server, tmp: Path, state_mb: int) -> tuple[float, float]:
     fs.put(str(local) + "/", f"{bucket}/plain/", recursive=True)
     put_seconds = time.perf_counter() - start
 
-    store = CheckpointStore(f"s3://{bucket}/run", options)
+    store = CheckpointStore(f"s3://{bucket}/run/checkpoints", options)
     start = time.perf_counter()
     upload = _Upload(store, local, sorted(p.name for p in local.iterdir()), step=1)
     upload.wait()

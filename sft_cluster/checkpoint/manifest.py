@@ -49,12 +49,17 @@ class Manifest:
         return cls(step=data["step"], files=data["files"], metadata=data.get("metadata", {}))
 
 
-# Files only one rank reads back: its RNG state, its data cursor, its DeepSpeed ZeRO partition.
-# Everything else (the DDP model and optimizer, the trainer state, DCP shards, which any rank
-# may read from) is needed by every node.
+def state_file(name: str, rank: int) -> str:
+    """Where rank ``rank`` keeps its named state ``name`` (its data cursor, ...) in a checkpoint folder."""
+    return f"{name}/rank-{rank:05d}.json"
+
+
+# Files only one rank reads back: its RNG state, its named states (``state_file``), its DeepSpeed
+# ZeRO partition. Everything else (the DDP model and optimizer, the trainer state, DCP shards,
+# which any rank may read from) is needed by every node.
 _RANK_FILES = (
     re.compile(r"(?:^|/)rng_state_(\d+)\.pth$"),
-    re.compile(r"(?:^|/)data-cursor/rank-(\d+)\.json$"),
+    re.compile(r"(?:^|/)[A-Za-z0-9_.-]+/rank-(\d+)\.json$"),
     re.compile(r"(?:^|/)[^/]*zero_pp_rank_(\d+)_[^/]*$"),
 )
 

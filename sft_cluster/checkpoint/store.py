@@ -28,8 +28,9 @@ class CommittedCheckpoint:
 class CheckpointStore:
     """The ``checkpoints/`` folder of one run, on any fsspec filesystem."""
 
-    def __init__(self, run_uri: str, options: dict[str, Any] | None = None):
-        self.uri = storage.join(run_uri, "checkpoints")
+    def __init__(self, uri: str, options: dict[str, Any] | None = None):
+        """``uri``: the run's checkpoints folder (``RunDir.checkpoints``, which names it)."""
+        self.uri = uri
         self.options = options or {}
         self.fs, self.path = storage.filesystem(self.uri, self.options)
         # Steps this process has seen verify (or wrote itself): retention need not hash them again.

@@ -112,7 +112,7 @@ def _final_saved(run: RunDir) -> bool:
 def check_start(job: JobSpec) -> bool:
     """Whether this start resumes; raises RunRefused or RunComplete. Reads only, writes nothing."""
     run = run_dir_of(job)
-    store = CheckpointStore(run.uri, run.options)
+    store = run.checkpoint_store()
     committed = store.committed_steps()
     if not committed:
         return False

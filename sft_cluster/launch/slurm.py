@@ -265,14 +265,13 @@ class SlurmBackend:
 
     def _outcome(self, run_dir: Path) -> str | None:
         """What the run left, from its ``summary.json``; None when that cannot be read from here."""
-        from sft_cluster.checkpoint.store import CheckpointStore
         from sft_cluster.spec import SpecError, load_job
 
         try:
             run_uri = run_dir_of(load_job(run_dir / "job.yaml"))
             summary = run_uri.read_json(run_uri.summary)
             steps, status = int(summary["steps"]), summary["status"]
-            committed = CheckpointStore(run_uri.uri, run_uri.options).is_committed(steps)
+            committed = run_uri.checkpoint_store().is_committed(steps)
         except (OSError, ValueError, KeyError, TypeError, SpecError):
             return None
         saved = "checkpoint committed" if committed else "no committed checkpoint of that step"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_cluster import storage
+from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.spec import JobSpec
 
 # Set by a launcher whose restarts rerun the whole program (a requeued Slurm job, a Ray Job's
@@ -97,6 +98,9 @@ class RunDir:
     @property
     def checkpoints(self) -> str:
         return storage.join(self.uri, "checkpoints")
+
+    def checkpoint_store(self) -> CheckpointStore:
+        return CheckpointStore(self.checkpoints, self.options)
 
     @property
     def ray_train(self) -> str:

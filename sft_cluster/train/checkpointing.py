@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from transformers import TrainerCallback
 
 from sft_cluster.checkpoint import CheckpointStore, Manifest
-from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file
+from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file, state_file
 from sft_cluster.data import DataError
 from sft_cluster.spec import CheckpointSpec
 from sft_cluster.train import collectives, compat, signals, staging
@@ -38,11 +38,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-
-def state_file(name: str, rank: int) -> str:
-    """Where rank ``rank`` keeps its state ``name`` inside a checkpoint folder."""
-    return f"{name}/rank-{rank:05d}.json"
 
 
 def stage_states(folder: Path, states: Mapping[str, Stateful], rank: int) -> None:

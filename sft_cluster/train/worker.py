@@ -152,7 +152,7 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
         dataset=dataset,
         states={DATA_CURSOR: StepCursor(dataset, rows_per_step)},
         cursor_settings=settings,
-        store=CheckpointStore(run.uri, run.options),
+        store=run.checkpoint_store(),
     )
 
 

@@ -31,7 +31,7 @@ def _store(bucket: str, endpoint: str) -> CheckpointStore:
         "client_kwargs": {"endpoint_url": endpoint},
         "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
     }
-    store = CheckpointStore(f"s3://{bucket}/run", options)
+    store = CheckpointStore(f"s3://{bucket}/run/checkpoints", options)
     store.fs.retries = 1
     return store
 

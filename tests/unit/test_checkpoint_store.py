@@ -23,11 +23,11 @@ def _save(store: CheckpointStore, tmp: Path, step: int, commit: bool = True) -> 
 @pytest.fixture(params=["local", "memory"])
 def store(request, tmp_path):
     if request.param == "local":
-        return CheckpointStore(str(tmp_path / "run"))
+        return CheckpointStore(str(tmp_path / "run" / "checkpoints"))
     import fsspec
 
     fsspec.filesystem("memory").store.clear()
-    return CheckpointStore(f"memory://run-{tmp_path.name}")
+    return CheckpointStore(f"memory://run-{tmp_path.name}/checkpoints")
 
 
 def test_only_committed_checkpoints_count(store, tmp_path):

@@ -22,7 +22,7 @@ def _commit(out: Path, step: int, tmp: Path) -> None:
     local = tmp / f"staged-{step}"
     local.mkdir()
     (local / "model.safetensors").write_bytes(b"m" * step)
-    store = CheckpointStore(str(out))
+    store = CheckpointStore(str(out / "checkpoints"))
     store.upload(local, step)
     store.commit(Manifest(step=step, files=hash_local_dir(local)))
 

@@ -63,7 +63,7 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     collectives.barrier()
 
     # The checkpoint protocol: stage, split the files, upload, commit, stop flag, resume, fetch.
-    store = CheckpointStore(str(tmp / "run"))
+    store = CheckpointStore(str(tmp / "run" / "checkpoints"))
     trainer_dir = tmp / f"trainer-{rank}"
     staged = trainer_dir / "checkpoint-5"
     staged.mkdir(parents=True)

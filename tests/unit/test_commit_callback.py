@@ -28,7 +28,7 @@ def _stage(folder: Path, content: bytes) -> Path:
 
 
 def test_a_resaved_step_stops_looking_committed_before_its_files_land(tmp_path):
-    store = CheckpointStore(str(tmp_path / "run"))
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
     old = _stage(tmp_path / "old", b"old" * 100)
     store.upload(old, 10)
     store.commit(Manifest(step=10, files=hash_local_dir(old)))
@@ -55,7 +55,9 @@ def test_a_resaved_step_stops_looking_committed_before_its_files_land(tmp_path):
 
 @pytest.mark.parametrize(("step", "stops"), [(19, True), (20, False)])
 def test_a_stop_request_during_the_last_step_lets_the_run_complete(tmp_path, step, stops):
-    callback = CommitCallback(CheckpointStore(str(tmp_path / "run")), CheckpointSpec(), rank=0, world_size=1)
+    callback = CommitCallback(
+        CheckpointStore(str(tmp_path / "run" / "checkpoints")), CheckpointSpec(), rank=0, world_size=1
+    )
     signals.STOP_REQUESTED.set()
     try:
         control = callback.on_step_end(None, TrainerState(global_step=step, max_steps=20), TrainerControl())
@@ -79,7 +81,7 @@ class _Counter:
 
 
 def test_named_states_are_saved_per_rank_in_the_checkpoint_and_restored(tmp_path):
-    store = CheckpointStore(str(tmp_path / "run"))
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
     _stage(tmp_path / "trainer" / "checkpoint-10", b"model")
     callback = CommitCallback(
         store, CheckpointSpec(async_upload=False), rank=0, world_size=1, states={"data-cursor": _Counter(7)}

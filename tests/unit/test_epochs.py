@@ -201,7 +201,7 @@ def test_a_run_at_its_counted_last_step_is_complete(tmp_path):
     local = tmp_path / "staged"
     local.mkdir()
     (local / "model.safetensors").write_bytes(b"m")
-    store = CheckpointStore(str(out))
+    store = CheckpointStore(str(out / "checkpoints"))
     store.upload(local, steps.max_steps)
     store.commit(Manifest(step=steps.max_steps, files=hash_local_dir(local)))
     (out / "final").mkdir()
