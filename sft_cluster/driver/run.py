@@ -105,6 +105,6 @@ def drive(
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return {"name": job.name, "status": "rejected", "error": str(exc), "output_uri": job.output_uri}
     except RunComplete as exc:
-        console.print(str(exc), highlight=False)
+        console.print(str(exc), highlight=False, soft_wrap=True)
         return completed_summary(job)
     return finish(prepared, executor.execute(prepared, console), executor.name)
