@@ -29,6 +29,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     torchrun = parser.add_argument_group("torchrun executor")
     torchrun.add_argument("--nnodes", type=int, default=1)
     torchrun.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
+    # The only one: the first node's word to the others (driver.torchrun.NodeWord) lives in its store.
+    torchrun.add_argument("--rdzv-backend", choices=("c10d",), default="c10d")
     torchrun.add_argument("--rdzv-endpoint", help="HOST:PORT of the first node (default: standalone)")
     torchrun.add_argument("--rdzv-id", default="sft-cluster")
     torchrun.add_argument("--ignore-signal", metavar="SIG", help="the preemption signal, left to the workers")
