@@ -78,7 +78,7 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
     word = NodeWord(args.rdzv_endpoint, args.nnodes, first) if several else None
     with job_file(job) as path:
         executor = TorchrunExecutor(
-            path, args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, word
+            path, args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, word, args.worker_module
         )
         if not first:  # the first node prepares and finishes; this one trains when told to
             code = word.take() if word else 0

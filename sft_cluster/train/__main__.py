@@ -20,7 +20,8 @@ from sft_cluster.train.worker import run_worker
 
 
 def work(job: JobSpec) -> int:
-    """Train this rank of ``job``; the process exit code."""
+    """Train this rank of ``job``; the process exit code. Progress goes to the log (``LogSink``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         report = run_worker(job)
     except DataError as exc:  # the user's data or plan: say what, exit 2
@@ -33,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_cluster.train")
     parser.add_argument("job", help="the job file the driver resolved")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         job = load_job(args.job)
     except SpecError as exc:
