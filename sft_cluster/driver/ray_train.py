@@ -98,10 +98,17 @@ class RestartNotice(UserCallback):
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    from ray.train.torch import get_device
+
     from sft_cluster.train import run_worker
     from sft_cluster.train.staging import NODE_ENV
+    from sft_cluster.train.strategy import DEVICE_ENV
 
+    # What the worker cannot know without asking Ray: its node, and (on GPUs) its device.
     os.environ[NODE_ENV] = ray.get_runtime_context().get_node_id()
+    device = get_device()
+    if device.type == "cuda":
+        os.environ[DEVICE_ENV] = str(device.index)
     job = JobSpec.model_validate(config["job"])
     run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"])
 

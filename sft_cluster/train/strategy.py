@@ -16,7 +16,6 @@ accelerate's own FSDP path and DeepSpeed's CUDA accelerator run.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,33 +176,27 @@ def plan_strategy(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -
     return plan
 
 
-def _ray_train_device() -> Any:
-    """This Ray Train worker's device, or None outside Ray (torchrun never imports Ray)."""
-    if "ray.train" not in sys.modules:
-        return None
-    from ray.train.torch import get_device
-
-    return get_device()
+# Set by an executor whose workers see more GPUs than their own (Ray Train: every GPU of the
+# node is visible, ``ray.train.torch.get_device()`` names this worker's): the CUDA index to use.
+DEVICE_ENV = "SFT_CLUSTER_CUDA_DEVICE"
 
 
 def select_gpu() -> int:
     """Make this rank's GPU the current device before accelerate and DeepSpeed pick theirs.
 
-    Under torchrun it is ``cuda:LOCAL_RANK``. Under Ray Train every worker of a
-    node sees all of the node's GPUs (CUDA_VISIBLE_DEVICES) and
-    ``ray.train.torch.get_device()`` names this worker's; LOCAL_RANK becomes
-    that index where the two differ (more than one GPU per worker, see
-    ``compat.align_local_rank``). Ray orders local ranks by lowest GPU id, so
-    local rank 0 stays index 0.
+    Under torchrun it is ``cuda:LOCAL_RANK``. Where the executor names the
+    device (``DEVICE_ENV``: Ray Train, whose workers see all of the node's GPUs),
+    LOCAL_RANK becomes that index where the two differ (more than one GPU per
+    worker, see ``compat.align_local_rank``). Ray orders local ranks by lowest GPU
+    id, so local rank 0 stays index 0.
     """
     import torch
 
-    device = _ray_train_device()
-    if device is None:  # as accelerate counts: one process per visible GPU, in order
+    named = os.environ.get(DEVICE_ENV)
+    if named is None:  # as accelerate counts: one process per visible GPU, in order
         index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-    else:
-        index = device.index
-    if device is not None:  # Ray already points accelerate at it (ACCELERATE_TORCH_DEVICE)
+    else:  # Ray already points accelerate at it (ACCELERATE_TORCH_DEVICE)
+        index = int(named)
         compat.align_local_rank(index)
     torch.cuda.set_device(index)
     return index
