@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sft_cluster.launch.local import anchor_local_paths
+from sft_cluster.launch.base import anchor_local_paths
 from sft_cluster.spec import dump_job_yaml, load_job
 from tests.conftest import REFERENCE_JOB, REPO
 from tests.fixtures.ray_cluster import MultiNodeCluster, start_ray_cluster
