@@ -82,7 +82,11 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
         )
         if not first:  # the first node prepares and finishes; this one trains when told to
             code = word.take() if word else 0
-            return executor.start_agent() if code == 0 else code
+            if code:
+                told = f"sft-cluster: the first node's driver did not start the run (exit {code})"
+                print(told, file=sys.stderr)
+                return code
+            return executor.start_agent()
         summary = drive(job, executor, Console(stderr=True))
         code = exitcodes.for_status(summary["status"]) if executor.exit_code is None else executor.exit_code
         if word is not None and executor.exit_code is None:  # refused, or complete: no agent starts

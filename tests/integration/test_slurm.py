@@ -211,6 +211,23 @@ def test_torchrun_template_on_two_fake_nodes(slurm: SlurmHarness) -> None:
     assert summary["nodes"] == ["node1", "node2"]
 
 
+def test_a_refusal_on_the_first_of_two_torchrun_nodes_ends_both(slurm: SlurmHarness) -> None:
+    """The first node's driver refuses (a local output_uri, not declared shared, on 2 nodes); the
+    other node's driver waits for its word and ends with the same exit code instead of waiting in
+    torchrun's rendezvous (600 s). Nothing is written into the run directory."""
+    out = slurm.tmp / "torchrun-2node-refused"
+    cluster = slurm.tmp / "torchrun-2node-refused.yaml"
+    cluster.write_text((REPO / TWO_NODES).read_text().replace("launcher: ray", "launcher: torchrun"))
+    job_id = slurm.sbatch(*JOB, "train.max_steps=10", "--cluster", str(cluster), f"output_uri={out}")
+    fields = slurm.wait(job_id, {"FAILED", "COMPLETED"}, timeout=300)
+    assert fields.get("JobState") == "FAILED" and fields.get("ExitCode") == "2:0", fields
+    log = Path(fields["StdOut"]).read_text()
+    assert log.count("2 nodes can run this job's workers") == 1, log[-3000:]
+    assert "the first node's driver did not start the run (exit 2)" in log  # the other node
+    assert "worker exit codes" not in log  # no agent started on either node
+    assert sorted(p.name for p in out.iterdir()) == ["slurm"]  # the claim wrote nothing
+
+
 def test_ray_template_spans_two_fake_nodes(slurm: SlurmHarness) -> None:
     out = slurm.tmp / "ray-2node"
     # 2 CPUs a worker on 2-CPU nodes: one worker on each node.
