@@ -3,8 +3,8 @@ inert, and the script's trap, requeue and stop machinery and `stop`'s fallbacks,
 for Slurm.
 
 Regenerate the golden files after an intended template change with
-``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py``: the golden tests rewrite their
-files and fail, so that an update is never mistaken for a pass; review the diff, then rerun.
+``SFTC_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py``: a golden test whose file differs
+rewrites it and fails, so that an update is never mistaken for a pass; review the diff, then rerun.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def plan(monkeypatch) -> Callable[[str], SlurmRequest]:
 def test_rendered_script_matches_golden_file(plan, name: str) -> None:
     script = plan(name).script
     golden = GOLDEN / f"{name}.sbatch"
-    if os.environ.get("SFTC_UPDATE_GOLDEN"):
+    if os.environ.get("SFTC_UPDATE_GOLDEN") and not (golden.exists() and golden.read_text() == script):
         golden.write_text(script)
         pytest.fail(f"SFTC_UPDATE_GOLDEN: rewrote {golden}; review the diff, then rerun without it")
     assert golden.exists(), f"missing {golden}: run with SFTC_UPDATE_GOLDEN=1 once and review it"
