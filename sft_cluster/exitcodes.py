@@ -10,3 +10,8 @@ USER_ERROR = 2
 def for_status(status: str) -> int:
     """Process exit code for a run's final ``status`` ("rejected": refused before it started)."""
     return {"completed": 0, "preempted": PREEMPTED, "rejected": USER_ERROR}.get(status, 1)
+
+
+def status_of(code: int) -> str:
+    """The run's ``status`` for a worker program's exit code (2 and 1 are both a failed run)."""
+    return {0: "completed", PREEMPTED: "preempted"}.get(code, "failed")

@@ -29,7 +29,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     torchrun = parser.add_argument_group("torchrun executor")
     torchrun.add_argument("--nnodes", type=int, default=1)
     torchrun.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
-    # The only one: the first node's word to the others (driver.torchrun.NodeWord) lives in its store.
+    # The only one: the first node's word to the others (driver.torchrun.NodeWord) shares its store.
     torchrun.add_argument("--rdzv-backend", choices=("c10d",), default="c10d")
     torchrun.add_argument("--rdzv-endpoint", help="HOST:PORT of the first node (default: standalone)")
     torchrun.add_argument("--rdzv-id", default="sft-cluster")
@@ -78,7 +78,14 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
     word = NodeWord(args.rdzv_endpoint, args.nnodes, first) if several else None
     with job_file(job) as path:
         executor = TorchrunExecutor(
-            path, args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, word, args.worker_module
+            path,
+            args.nnodes,
+            args.nproc_per_node,
+            args.rdzv_endpoint,
+            args.rdzv_id,
+            word=word,
+            worker_module=args.worker_module,
+            rdzv_backend=args.rdzv_backend,
         )
         if not first:  # the first node prepares and finishes; this one trains when told to
             code = word.take() if word else 0

@@ -20,9 +20,7 @@ exits 75 only after the checkpoint of that step is committed, so nothing is lost
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -33,9 +31,8 @@ from pathlib import Path
 from rich.console import Console
 
 from sft_cluster.driver.run import Outcome, Prepared
-from sft_cluster.exitcodes import PREEMPTED, USER_ERROR
+from sft_cluster.exitcodes import PREEMPTED, USER_ERROR, status_of
 from sft_cluster.spec import JobSpec, dump_job_yaml
-from sft_cluster.train.staging import NODE_NAME_ENV
 
 NODE_RANK_ENV = "SFT_CLUSTER_NODE_RANK"
 _VERDICT_KEY = "sft-cluster/prepared"
@@ -110,6 +107,7 @@ class TorchrunExecutor:
         rdzv_id: str,
         word: NodeWord | None = None,
         worker_module: str = "sft_cluster.train",
+        rdzv_backend: str = "c10d",
     ):
         self.job_file = job_file
         self.word = word
@@ -118,6 +116,7 @@ class TorchrunExecutor:
         self.nproc_per_node = nproc_per_node
         self.rdzv_endpoint = rdzv_endpoint
         self.rdzv_id = rdzv_id
+        self.rdzv_backend = rdzv_backend
         self.exit_code: int | None = None  # the agent's, once it ran (2 and 1 are both "failed")
 
     def world(self, job: JobSpec) -> tuple[int, int]:
@@ -125,7 +124,11 @@ class TorchrunExecutor:
 
     def torchrun_args(self) -> list[str]:
         where = (
-            ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+            [
+                f"--rdzv-backend={self.rdzv_backend}",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                f"--rdzv-id={self.rdzv_id}",
+            ]
             if self.rdzv_endpoint
             else ["--standalone"]
         )
@@ -144,8 +147,6 @@ class TorchrunExecutor:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
-        # The workers' node, for their reports and the folder a node's ranks share.
-        os.environ.setdefault(NODE_NAME_ENV, socket.gethostname())
         try:
             torchrun(self.torchrun_args())
         except ChildFailedError as exc:
@@ -158,11 +159,8 @@ class TorchrunExecutor:
         if self.word is not None:
             self.word.give(0)
         code = self.exit_code = self.start_agent()
-        if code == 0:
-            return Outcome("completed")
-        if code == PREEMPTED:
-            return Outcome("preempted")
-        return Outcome("failed", f"a worker failed (exit code {code})")
+        status = status_of(code)
+        return Outcome(status, f"a worker failed (exit code {code})" if status == "failed" else None)
 
 
 @contextlib.contextmanager
