@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 IGNORE_INDEX = -100
 
@@ -24,6 +25,8 @@ class Row:
     labels: list[int]
     position_ids: list[int]
     tokens: int  # real (non-padding) tokens, for packing efficiency
+    members: tuple[int, ...] = ()  # which of the packed window's samples it holds (by index)
+    records: list[list[Any]] = field(default_factory=list)  # and which records they are (the stream's names)
 
 
 def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -75,7 +78,12 @@ def pack(
     samples: Sequence[tuple[Sequence[int], Sequence[int]]], length: int, pad_id: int, packing: bool = True
 ) -> list[Row]:
     """Rows for a window of samples (each at most ``length`` tokens): best-fit, or one per row."""
-    if not packing:
-        return [make_row([sample], length, pad_id) for sample in samples]
-    groups = best_fit([len(ids) for ids, _ in samples], length)
-    return [make_row([samples[i] for i in group], length, pad_id) for group in groups]
+    groups = (
+        best_fit([len(ids) for ids, _ in samples], length) if packing else [[i] for i in range(len(samples))]
+    )
+    rows = []
+    for group in groups:
+        row = make_row([samples[i] for i in group], length, pad_id)
+        row.members = tuple(group)
+        rows.append(row)
+    return rows

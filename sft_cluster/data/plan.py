@@ -12,6 +12,11 @@ byte can be sought (compressed files, JSON arrays, Parquet). When a source has
 fewer units than there are ranks, a unit is shared by stride: ``stride`` ranks
 read it and rank-slot ``offset`` keeps the records whose index % stride ==
 offset. Either way each record of an epoch belongs to exactly one rank.
+
+A resume on another world size re-plans (``sft_cluster.data.replan``): what
+was left of the epochs in progress becomes ``owed`` pieces, dealt to the new
+ranks, and the epochs after them are dealt fresh. Each re-plan is one entry
+of ``history``, so any later plan still knows what was consumed.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import heapq
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 from sft_cluster.data.records import DataError, ObjectInfo, format_of, list_objects
 from sft_cluster.spec import DataSpec, StorageSpec
@@ -33,6 +39,7 @@ _PLAN_VERSION = 1
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ShardPlan",
+    "Piece",
     "SourcePlan",
     "Unit",
     "build_plan",
@@ -74,12 +81,46 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """What an epoch still owes of one unit: its records in that epoch's order, cut by each re-plan.
+
+    A cut ``(skip, taken)`` drops the first ``skip`` records of what is left,
+    then the records numbered in ``taken`` (trained from a packing window that
+    was partly consumed).
+    """
+
+    unit: Unit
+    cuts: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    def apply(self, records: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        for skip, taken in self.cuts:
+            dropped = set(taken)
+            records = [record for record in records[skip:] if record[0] not in dropped]
+        return records
+
+    def to_json(self) -> list[Any]:
+        return [list(asdict(self.unit).values()), [[skip, list(taken)] for skip, taken in self.cuts]]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> Piece:
+        return cls(Unit(*raw[0]), tuple((skip, tuple(taken)) for skip, taken in raw[1]))
+
+
+@dataclass(frozen=True)
 class SourcePlan:
-    """One source's listing and each rank's units, in epoch-0 order."""
+    """One source's listing and each rank's units, in epoch-0 order.
+
+    After a re-plan, epochs ``owed_from`` to ``fresh - 1`` are what the old
+    ranks left of them: ``owed[rank][epoch - owed_from]``; epochs from
+    ``fresh`` on are dealt from ``ranks``.
+    """
 
     uri: str
     objects: list[ObjectInfo]
     ranks: list[list[Unit]]
+    owed: list[list[list[Piece]]] = field(default_factory=list)
+    owed_from: int = 0
+    fresh: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,14 +132,35 @@ class ShardPlan:
     chunk_bytes: int
     sources: list[SourcePlan]
     fingerprint: str  # of the listing only: the same objects give the same fingerprint
+    # One entry per re-plan that led here: {"plan": the old id, "from": N, "to": M, "step": S}.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @cached_property
     def id(self) -> str:
         """Names this exact plan (listing, seed, world size, units): a cursor is only valid for it."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
-    def units(self, source: int, rank: int, epoch: int) -> list[Unit]:
-        """The order in which ``rank`` reads its units of ``source`` in ``epoch``."""
+    @property
+    def origin(self) -> str:
+        """The id of the run's first plan (what ``train.epochs`` was counted for)."""
+        return self.history[0]["plan"] if self.history else self.id
+
+    @property
+    def base_step(self) -> int:
+        """The optimizer step this plan starts at: a cursor counts its rows from there."""
+        return self.history[-1]["step"] if self.history else 0
+
+    def units(self, source: int, rank: int, epoch: int) -> list[Piece]:
+        """The order in which ``rank`` reads its pieces of ``source`` in ``epoch``."""
+        plan = self.sources[source]
+        if epoch < plan.fresh:
+            owed = plan.owed[rank] if plan.owed else []
+            index = epoch - plan.owed_from
+            return list(owed[index]) if 0 <= index < len(owed) else []
+        return [Piece(unit) for unit in self.dealt_units(source, rank, epoch)]
+
+    def dealt_units(self, source: int, rank: int, epoch: int) -> list[Unit]:
+        """``rank``'s units of ``source`` as this plan deals them, in ``epoch``'s order (owed or not)."""
         units = list(self.sources[source].ranks[rank])
         random.Random(derive_seed(self.seed, "epoch-order", source, rank, epoch)).shuffle(units)
         return units
@@ -111,14 +173,9 @@ class ShardPlan:
                 "world_size": self.world_size,
                 "chunk_bytes": self.chunk_bytes,
                 "fingerprint": self.fingerprint,
-                "sources": [
-                    {
-                        "uri": source.uri,
-                        "objects": [[o.uri, o.size, o.version] for o in source.objects],
-                        "ranks": [[list(asdict(u).values()) for u in units] for units in source.ranks],
-                    }
-                    for source in self.sources
-                ],
+                "sources": [_source_json(source) for source in self.sources],
+                # Only when re-planned, so the ids of plans that never were stay what they were.
+                **({"history": self.history} if self.history else {}),
             },
             separators=(",", ":"),
         )
@@ -135,10 +192,32 @@ class ShardPlan:
                 source["uri"],
                 [ObjectInfo(*o) for o in source["objects"]],
                 [[Unit(*u) for u in units] for units in source["ranks"]],
+                [[[Piece.from_json(p) for p in epoch] for epoch in owed] for owed in source.get("owed", [])],
+                source.get("owed_from", 0),
+                source.get("fresh", 0),
             )
             for source in raw["sources"]
         ]
-        return cls(raw["seed"], raw["world_size"], raw["chunk_bytes"], sources, raw["fingerprint"])
+        return cls(
+            raw["seed"],
+            raw["world_size"],
+            raw["chunk_bytes"],
+            sources,
+            raw["fingerprint"],
+            raw.get("history", []),
+        )
+
+
+def _source_json(source: SourcePlan) -> dict[str, Any]:
+    text: dict[str, Any] = {
+        "uri": source.uri,
+        "objects": [[o.uri, o.size, o.version] for o in source.objects],
+        "ranks": [[list(asdict(u).values()) for u in units] for units in source.ranks],
+    }
+    if source.owed or source.fresh:
+        text["owed"] = [[[p.to_json() for p in epoch] for epoch in owed] for owed in source.owed]
+        text.update(owed_from=source.owed_from, fresh=source.fresh)
+    return text
 
 
 def list_sources(data: DataSpec, store: StorageSpec) -> list[list[ObjectInfo]]:
@@ -180,14 +259,19 @@ def _deal(units: list[Unit], objects: list[ObjectInfo], world_size: int) -> list
             for unit, k in zip(units, readers, strict=True)
             for j in range(k)
         ]
-    # Largest first to the least-loaded rank (LPT); ties keep the shuffled order.
+    return [[units[i] for i in indexes] for indexes in balance(sizes, world_size)]
+
+
+def balance(sizes: list[float], world_size: int) -> list[list[int]]:
+    """Indexes of ``sizes`` per rank: largest first to the least-loaded rank (LPT), each rank's
+    indexes ascending (so its list keeps the order given); ties keep that order too."""
     loads = [(0.0, rank) for rank in range(world_size)]
     owned: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(units)), key=lambda i: -sizes[i]):
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         load, rank = heapq.heappop(loads)
         owned[rank].append(index)
         heapq.heappush(loads, (load + sizes[index], rank))
-    return [[units[i] for i in sorted(indexes)] for indexes in owned]
+    return [sorted(indexes) for indexes in owned]
 
 
 def make_plan(

@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 
 from sft_cluster import storage
 from sft_cluster.data.chat import ChatEncoder
-from sft_cluster.data.plan import ShardPlan, Unit, derive_seed
+from sft_cluster.data.plan import Piece, ShardPlan, Unit, derive_seed
 from sft_cluster.data.records import (
     BadRecords,
     DataError,
@@ -94,6 +94,13 @@ class Sample:
     assistant_mask: list[int]  # 1 = trained
     source: int
     epoch: int
+    unit: str = ""  # the key of the unit it was read from, and its number there: which record it was
+    number: int = 0
+
+    @property
+    def record(self) -> tuple[int, int, str, int]:
+        """(source, epoch, unit key, number): names this record of this epoch in a re-plan."""
+        return (self.source, self.epoch, self.unit, self.number)
 
 
 @dataclass
@@ -142,12 +149,13 @@ class RankStream:
         state = state or {}
         count = len(plan.sources)
         self.draws: int = state.get("draws", 0)
-        self.positions = [_Position(**p) for p in state.get("positions", [{}] * count)]
+        starts = [{"epoch": source.owed_from} for source in plan.sources]
+        self.positions = [_Position(**p) for p in state.get("positions", starts)]
         self.counters = [Counters(**c) for c in state.get("counters", [{}] * count)]
         self.bad = BadRecords(data, sum(c.bad for c in self.counters), state.get("first_bad"))
         self._options = [source_options(source, data, store) for source in data.sources]
         self._cumulative = list(itertools.accumulate(source.weight for source in data.sources))
-        self._orders: list[tuple[int, list[Unit]] | None] = [None] * count
+        self._orders: list[tuple[int, list[Piece]] | None] = [None] * count
         self._loaded: list[tuple[tuple[int, int], list[tuple[int, Any]], Callable[[int], str]] | None]
         self._loaded = [None] * count
 
@@ -166,17 +174,18 @@ class RankStream:
     def __next__(self) -> Sample:
         while True:
             source = self._pick()
-            raw, locate = self._next_raw(source)
+            unit, number, raw, locate = self._next_raw(source)
             sample = self._sample(source, raw, locate, self.positions[source].epoch)
             if sample is not None:
+                sample.unit, sample.number = unit, number
                 self.positions[source].epoch_samples += 1
                 return sample
 
     def one_pass(self) -> Iterator[Sample]:
         """Every sample of this rank's share, once, source after source (an evaluation pass)."""
         for source in range(len(self.plan.sources)):
-            for unit in self.plan.units(source, self.rank, 0):
-                records, locate = self._load(source, unit, 0)
+            for unit in self.plan.dealt_units(source, self.rank, 0):
+                records, locate = self._load(source, Piece(unit), 0)
                 for number, raw in records:
                     sample = self._sample(source, raw, partial(locate, number), 0)
                     if sample is not None:
@@ -217,23 +226,27 @@ class RankStream:
         draw, self.draws = self.draws, self.draws + 1
         if len(self._cumulative) == 1:
             return 0
-        point = derive_seed(self.plan.seed, "mix", self.rank, draw) / 2**64 * self._cumulative[-1]
+        # A re-planned run mixes anew (its ranks are new); a plan never re-planned keeps its old draws.
+        replans = (len(self.plan.history),) if self.plan.history else ()
+        point = derive_seed(self.plan.seed, "mix", *replans, self.rank, draw) / 2**64 * self._cumulative[-1]
         return min(bisect.bisect_right(self._cumulative, point), len(self._cumulative) - 1)
 
-    def _order(self, source: int, epoch: int) -> list[Unit]:
+    def _order(self, source: int, epoch: int) -> list[Piece]:
         cached = self._orders[source]
         if cached is None or cached[0] != epoch:
             cached = (epoch, self.plan.units(source, self.rank, epoch))
             self._orders[source] = cached
         return cached[1]
 
-    def _next_raw(self, source: int) -> tuple[Any, Callable[[], str]]:
-        """The next raw record of ``source`` on this rank, moving on to the next unit or epoch."""
+    def _next_raw(self, source: int) -> tuple[str, int, Any, Callable[[], str]]:
+        """(unit key, number, raw record, namer) of the next record of ``source`` on this rank,
+        moving on to the next unit or epoch."""
         position = self.positions[source]
         while True:
             order = self._order(source, position.epoch)
             if position.unit == len(order):
-                if position.epoch_samples == 0:
+                # An epoch owed after a re-plan may leave this rank nothing; a fresh one may not.
+                if position.epoch_samples == 0 and position.epoch >= self.plan.sources[source].fresh:
                     raise DataError(
                         f"data.sources[{source}] ({self.plan.sources[source].uri}) gave rank {self.rank} "
                         f"no sample in a whole pass over its {len(order)} unit(s) "
@@ -257,18 +270,19 @@ class RankStream:
             if position.record < len(records):
                 number, raw = records[position.record]
                 position.record += 1
-                return raw, partial(locate, number)
+                return order[position.unit].unit.key, number, raw, partial(locate, number)
             position.unit, position.record = position.unit + 1, 0
             self._loaded[source] = None
 
     def _load(
-        self, source: int, unit: Unit, epoch: int
+        self, source: int, piece: Piece, epoch: int
     ) -> tuple[list[tuple[int, Any]], Callable[[int], str]]:
-        """This rank's records of one unit, shuffled for ``epoch``, and how to name one of them."""
+        """This rank's records of one piece, in ``epoch``'s order, and how to name one of them."""
+        unit = piece.unit
         obj = self.plan.sources[source].objects[unit.file]
         records, locate = read_unit(obj, unit, self.data.sources[source].format, self._options[source])
         random.Random(derive_seed(self.plan.seed, "records", source, epoch, unit.key)).shuffle(records)
-        return records, locate
+        return piece.apply(records), locate
 
 
 def read_unit(

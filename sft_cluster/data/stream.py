@@ -6,6 +6,8 @@ RankStream state at the start of n's window plus n's offset in it: resuming
 re-reads one window, re-packs it (deterministically) and skips the rows already
 trained on. Because the DataLoader reads ahead, it keeps window starts for rows
 still in flight, so ``state_after(n)`` answers for the rows the optimizer actually consumed.
+The cursor also names the records of those skipped rows (``taken``): a re-plan
+onto another world size (``sft_cluster.data.replan``) needs them, not this stream.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class PackedRowStream:
         self.rows_out = state["rows"] if state else 0  # rows handed out, counted from the start of training
         self._skip = state["skip"] if state else 0  # rows of the first window already trained on
         self._next_window = self.rows_out - self._skip  # row number the next window starts at
-        self._windows: deque[tuple[int, dict[str, Any]]] = deque()  # (first row, samples state) in flight
+        # (first row, samples state, the records of each of its rows) of the windows in flight
+        self._windows: deque[tuple[int, dict[str, Any], list[list[list[Any]]]]] = deque()
         self._pending: deque[Row] = deque()
         self.packed_rows = self.packed_tokens = 0
 
@@ -100,14 +103,19 @@ class PackedRowStream:
         return self.packed_tokens / max(self.packed_rows * self.data.max_seq_len, 1)
 
     def _fill(self) -> None:
-        self._windows.append((self._next_window, self.samples.state()))
+        start = self.samples.state()
         window: list[tuple[list[int], list[int]]] = []
+        records: list[list[Any]] = []
         tokens, budget = 0, self.window_rows * self.data.max_seq_len
         while (tokens < budget) if self.data.packing else (len(window) < self.window_rows):
             sample = next(self.samples)
             window.append((sample.input_ids, sample.assistant_mask))
+            records.append(list(sample.record))
             tokens += len(sample.input_ids)
         rows = pack(window, self.data.max_seq_len, self.pad_id, self.data.packing)
+        for row in rows:
+            row.records = [records[i] for i in row.members]
+        self._windows.append((self._next_window, start, [row.records for row in rows]))
         self.packed_rows += len(rows)
         self.packed_tokens += tokens
         self._next_window += len(rows)
@@ -123,19 +131,20 @@ class PackedRowStream:
             raise ValueError(f"only {self.rows_out} rows were handed out, not {rows}")
         if rows == self._next_window:  # every window so far was used up: the next one starts here
             self._windows.clear()
-            first, window = rows, self.samples.state()
+            first, window, members = rows, self.samples.state(), []
         else:
             while len(self._windows) > 1 and self._windows[1][0] <= rows:
                 self._windows.popleft()
             if not self._windows or rows < self._windows[0][0]:
                 raise ValueError(f"row {rows} is older than the oldest cursor kept; ask in increasing order")
-            first, window = self._windows[0]
+            first, window, members = self._windows[0]
         return {
             "plan": self.plan.id,
             "rank": self.rank,
             "rows": rows,
             "skip": rows - first,
             "window": window,
+            "taken": [record for row in members[: rows - first] for record in row],
         }
 
 
