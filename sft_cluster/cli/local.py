@@ -88,6 +88,14 @@ def resume(
     overrides: OverridesArg = None,
     cluster: ClusterOpt = None,
     fast: Annotated[bool, typer.Option("--fast", help="Verify checkpoint sizes only, not hashes.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Continue on this many workers: the data left is re-planned, the global batch kept.",
+        ),
+    ] = None,
 ) -> None:
     """Continue a run from its newest complete checkpoint (here, or with --cluster on Ray/Slurm)."""
     import tempfile
@@ -104,6 +112,8 @@ def resume(
     except SpecError as exc:
         fail(exc.problems)
     pinned = [*(overrides or []), f"output_uri={run_uri}", "checkpoint.resume=auto"]
+    if workers is not None:
+        pinned.append(f"resources.num_workers={workers}")
     with tempfile.TemporaryDirectory(prefix="sftc-resume-") as folder:
         job_path = Path(folder) / "job.yaml"  # the run's own job, read by the usual loader
         job_path.write_text(text)

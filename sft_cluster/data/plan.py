@@ -146,6 +146,11 @@ class ShardPlan:
         return self.history[0]["plan"] if self.history else self.id
 
     @property
+    def first_world_size(self) -> int:
+        """The world size the run started on (before any re-plan)."""
+        return self.history[0]["from"] if self.history else self.world_size
+
+    @property
     def base_step(self) -> int:
         """The optimizer step this plan starts at: a cursor counts its rows from there."""
         return self.history[-1]["step"] if self.history else 0

@@ -5,9 +5,10 @@ of the packing window of its last consumed row (epoch, piece, record), and
 which records of that window the consumed rows held (``taken``). Everything
 after the window start except ``taken`` is what the rank still owed of each
 epoch it had reached. ``replan`` gathers those remainders, for every epoch from
-the earliest any old rank was in to the latest any rank took a record from,
-and every epoch an earlier re-plan still owed, deals them to the new ranks as pieces (units with cuts), and deals the epochs
-after them fresh for the new world size. It reads no record: it costs what
+the earliest any old rank was in to the latest any rank took a record from
+(and every epoch an earlier re-plan still owed), deals them to the new ranks
+as pieces (units with cuts), and deals the epochs after them fresh for the
+new world size. It reads no record: it costs what
 making a plan costs, and the same inputs give the same plan (a restart that
 re-plans again from the same commit gets the same one).
 """

@@ -67,8 +67,10 @@ def _on_ray(job: JobSpec, fast: bool) -> int:
 
 
 def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
+    from sft_cluster.driver.resize import workers_job
     from sft_cluster.driver.run import drive
     from sft_cluster.driver.torchrun import NODE_RANK_ENV, NodeWord, TorchrunExecutor, ignore_signal, job_file
+    from sft_cluster.spec import dump_job_yaml
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.ignore_signal:
@@ -93,6 +95,7 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
                 told = f"sft-cluster: the first node's driver did not start the run (exit {code})"
                 print(told, file=sys.stderr)
                 return code
+            path.write_text(dump_job_yaml(workers_job(job, args.nnodes * args.nproc_per_node)))
             return executor.start_agent()
         summary = drive(job, executor, Console(stderr=True))
         code = exitcodes.for_status(summary["status"]) if executor.exit_code is None else executor.exit_code

@@ -9,7 +9,9 @@ The driver claims the run directory:
 - a run whose newest commit is at ``train.max_steps`` (or the steps counted for
   ``train.epochs``) and that has its ``final/`` model is complete: nothing is trained again;
 - a resume after a change the saved data cursors depend on (sequence length, packing,
-  batch split, chat template, ...) is refused, naming the field and both values.
+  global batch, chat template, ...) is refused, naming the field and both values;
+- a resume on another world size (or another split of the same global batch) re-plans the
+  data that is left (``resize``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes
+from sft_cluster.driver.resize import read_plan, resume_plan, save_plan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
-from sft_cluster.train.settings import TEMPLATE_KEY, cursor_settings, template_fingerprint
+from sft_cluster.train.batch import BatchSplit, batch_split, global_batch
+from sft_cluster.train.settings import SPLIT_KEYS, TEMPLATE_KEY, cursor_settings, template_fingerprint
 from sft_cluster.train.steps import planned_steps, target_text
 
 
@@ -44,6 +48,7 @@ class RunStart:
     run_id: str
     resuming: bool  # the run has committed checkpoints to resume from
     plan: ShardPlan
+    split: BatchSplit  # the workers' micro batch and accumulation
 
 
 def current_run_id() -> str:
@@ -84,10 +89,12 @@ def _settings_problems(job: JobSpec, saved: dict[str, Any], step: int) -> list[s
     fingerprint = saved.get(TEMPLATE_KEY, "")
     if fingerprint:
         fingerprint = template_fingerprint(load_chat(job).template)
-    now = cursor_settings(job, fingerprint)
+    run = run_dir_of(job)
+    first_world = read_plan(run).first_world_size if storage.exists(run.plan, run.options) else 1
+    now = cursor_settings(job, fingerprint, global_batch(job, first_world))
     problems = []
     for key, old in saved.items():
-        if key not in now or now[key] == old:
+        if key not in now or now[key] == old or key in SPLIT_KEYS:
             continue
         if key == TEMPLATE_KEY:
             problems.append(
@@ -170,14 +177,9 @@ def check_trainable(job: JobSpec) -> None:
         raise DataError("; ".join(problems))
 
 
-def _fits(plan: ShardPlan, job: JobSpec, world_size: int) -> list[str]:
+def _fits(plan: ShardPlan, job: JobSpec) -> list[str]:
     """Why ``plan`` cannot serve this job (empty: it can)."""
     problems = []
-    if plan.world_size != world_size:
-        problems.append(
-            f"the run was planned for {plan.world_size} ranks, this one has {world_size} "
-            f"(set resources.num_workers={plan.world_size})"
-        )
     if plan.seed != job.train.seed:
         problems.append(f"the run was planned with train.seed={plan.seed}, not {job.train.seed}")
     planned, named = [s.uri for s in plan.sources], [s.uri for s in job.data.sources]
@@ -186,23 +188,27 @@ def _fits(plan: ShardPlan, job: JobSpec, world_size: int) -> list[str]:
     return problems
 
 
-def ensure_plan(job: JobSpec, world_size: int, notify: Callable[[str], None], resuming: bool) -> ShardPlan:
-    """The plan of this run: the saved one when resuming (warning if the listing changed), else a new one."""
+def ensure_plan(
+    job: JobSpec, world_size: int, notify: Callable[[str], None], resuming: bool
+) -> tuple[ShardPlan, BatchSplit]:
+    """The plan of this run and its batch split: the saved plan when resuming (re-planned for
+    another world size; warning if the listing changed), else a new one."""
     run = run_dir_of(job)
     if resuming and storage.exists(run.plan, run.options):
-        plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
-        problems = _fits(plan, job, world_size)
+        problems = _fits(read_plan(run), job)
         if problems:
             raise DataError(
                 "this run has committed checkpoints whose data cursors belong to its saved data plan "
                 f"({run.plan}), but " + "; ".join(problems) + " (or use a new output_uri to start over)"
             )
+        plan, split = resume_plan(job, run, world_size, notify)
         for change in plan_changes(plan, list_sources(job.data, job.storage)):
             notify(f"warning: {change}")
-        return plan
+        return plan, split
+    split = batch_split(job, world_size, world_size)  # refused before anything is written
     plan = build_plan(job.data, job.storage, world_size, job.train.seed)
-    storage.write_text(run.plan, plan.to_json(), run.options)
-    return plan
+    save_plan(run, plan)
+    return plan, split
 
 
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:
@@ -212,9 +218,9 @@ def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], node
     check_reach(job, nodes)
     resuming = check_start(job)
     check_trainable(job)
-    plan = ensure_plan(job, world_size, notify, resuming=resuming)
+    plan, split = ensure_plan(job, world_size, notify, resuming=resuming)
     run = run_dir_of(job)
     storage.write_text(run.job_yaml, dump_job_yaml(job), run.options)
     run_id = current_run_id()
     run.write_json(run.owner, {"run_id": run_id, "claimed_at": time.time(), "name": job.name})
-    return RunStart(run_id=run_id, resuming=resuming, plan=plan)
+    return RunStart(run_id=run_id, resuming=resuming, plan=plan, split=split)

@@ -21,11 +21,12 @@ from sft_cluster.driver.claim import RunComplete, RunRefused, RunStart, claim_ru
 from sft_cluster.driver.stopfile import StopFile
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import RunDir, finalize_run, run_dir_of
+from sft_cluster.train.batch import with_split
 
 
 @dataclass
 class Prepared:
-    """A claimed run, ready for its workers."""
+    """A claimed run, ready for its workers; ``job`` is what they train (with the batch split)."""
 
     job: JobSpec
     run: RunDir
@@ -62,7 +63,7 @@ def prepare(
     run.clear_worker_reports()
     stop_file = StopFile(run, start.run_id)
     stop_file.clear(only_stale=True)
-    return Prepared(job, run, start, stop_file, started_at or time.time())
+    return Prepared(with_split(job, start.split), run, start, stop_file, started_at or time.time())
 
 
 def finish(prepared: Prepared, outcome: Outcome, launcher: str) -> dict[str, Any]:

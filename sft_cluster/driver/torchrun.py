@@ -156,6 +156,7 @@ class TorchrunExecutor:
         return 0
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
+        self.job_file.write_text(dump_job_yaml(prepared.job))  # with the batch split the driver chose
         if self.word is not None:
             self.word.give(0)
         code = self.exit_code = self.start_agent()

@@ -109,6 +109,9 @@ class TrainSpec(Strict):
     epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(4, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
+    # Rows per optimizer step over all workers. Set, it fixes the product micro x accumulation x
+    # workers at any world size: micro_batch_size is then the largest the split may use.
+    global_batch_size: int | None = Field(None, gt=0)
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(0, ge=0)

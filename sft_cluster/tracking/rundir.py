@@ -67,6 +67,10 @@ class RunDir:
         """The data plan every restart and resume of the run reads (see sft_cluster.data.plan)."""
         return storage.join(self.uri, "plan.json")
 
+    def plan_by_id(self, plan_id: str) -> str:
+        """Every plan the run used, by id: a commit's cursors name theirs, which a re-plan replaced."""
+        return storage.join(self.uri, "plans", f"{plan_id}.json")
+
     @property
     def epoch_count(self) -> str:
         """``train.epochs``: the rows each rank packs one epoch into, counted once per plan."""

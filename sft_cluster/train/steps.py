@@ -25,6 +25,7 @@ from sft_cluster import storage
 from sft_cluster.data import DataError, ShardPlan
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, RunDir, run_dir_of
+from sft_cluster.train.batch import global_batch
 
 # Light at import (the CLI's completion check uses planned_steps); counting imports torch when it runs.
 
@@ -52,13 +53,10 @@ def epoch_steps(rows_per_rank: Sequence[int], epochs: float, rows_per_step: int)
     return math.floor(Fraction(str(epochs)) * min(rows_per_rank) / rows_per_step)
 
 
-def _rows_per_step(job: JobSpec) -> int:
-    return job.train.micro_batch_size * job.train.grad_accum_steps
-
-
-def steps_from_rows(job: JobSpec, rows_per_rank: list[int]) -> TrainSteps:
-    """``train.epochs`` over the counted rows; DataError when that is not one step."""
-    per_step, fewest = _rows_per_step(job), min(rows_per_rank)
+def steps_from_rows(job: JobSpec, rows_per_rank: list[int], global_rows: int) -> TrainSteps:
+    """``train.epochs`` over the rows counted per rank (on the world size the run started on);
+    ``global_rows``: rows per optimizer step over all workers. DataError when that is not one step."""
+    per_step, fewest = global_rows // len(rows_per_rank), min(rows_per_rank)
     steps = epoch_steps(rows_per_rank, job.train.epochs, per_step)
     if steps < 1:
         raise DataError(
@@ -80,8 +78,11 @@ def target_text(job: JobSpec, steps: int) -> str:
 def _count_key(plan: ShardPlan, settings: dict[str, Any]) -> dict[str, Any]:
     """What a saved count is valid for: the plan, the settings a data cursor depends on, the window."""
     from sft_cluster.data.epochs import WINDOW_ROWS
+    from sft_cluster.train.settings import SPLIT_KEYS
 
-    return {"plan": plan.id, "settings": settings, "window_rows": WINDOW_ROWS}
+    # The run's first plan: a re-plan (another world size or split) keeps the count and the steps.
+    kept = {key: value for key, value in settings.items() if key not in SPLIT_KEYS}
+    return {"plan": plan.origin, "settings": kept, "window_rows": WINDOW_ROWS}
 
 
 def _saved_rows(run: RunDir, key: dict[str, Any] | None, plan_id: str | None = None) -> list[int] | None:
@@ -108,11 +109,11 @@ def planned_steps(job: JobSpec) -> int | None:
     if not storage.exists(run.plan, run.options):
         return None
     plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
-    rows = _saved_rows(run, None, plan_id=plan.id)
-    if rows is None or len(rows) != plan.world_size:
+    rows = _saved_rows(run, None, plan_id=plan.origin)
+    if rows is None or len(rows) != plan.first_world_size:
         return None
     try:
-        return steps_from_rows(job, rows).max_steps
+        return steps_from_rows(job, rows, global_batch(job, plan.first_world_size)).max_steps
     except DataError:
         return None
 
@@ -144,11 +145,12 @@ def resolve_steps(
     if job.train.max_steps is not None:
         return TrainSteps(job.train.max_steps)
     rank, world_size = collectives.rank_and_world()
+    global_rows = job.train.micro_batch_size * job.train.grad_accum_steps * world_size
     run = run_dir_of(job)
     key = _count_key(plan, {**settings, "data.assistant_only_loss": job.data.assistant_only_loss})
     rows = collectives.broadcast_from_rank0(_saved_rows(run, key) if rank == 0 else None)
     if rows is not None:
-        steps = steps_from_rows(job, rows)
+        steps = steps_from_rows(job, rows, global_rows)
         if rank == 0:
             notify(
                 f"train.epochs = {job.train.epochs:g}: {steps.max_steps} steps "
@@ -182,7 +184,7 @@ def resolve_steps(
             }
         )
         events.close()
-    steps = steps_from_rows(job, rows)
+    steps = steps_from_rows(job, rows, global_rows)
     if rank == 0:
         fewest, most = min(rows), max(rows)
         spread = f"{fewest:,}" if fewest == most else f"{fewest:,} (rank {rows.index(fewest)}) to {most:,}"

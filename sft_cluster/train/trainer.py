@@ -105,15 +105,16 @@ class StepCursor(TrainerCallback):
 
     The DataLoader reads ahead of the optimizer, so the stream itself may be
     past the step; the cursor saved at step N is the stream's
-    ``state_after(N x micro_batch_size x grad_accum_steps)``, the rows N steps
-    consumed. It learns the step as one of the Trainer's callbacks (every
-    ``on_step_end`` comes before that step's ``on_save``); loading a state
-    restarts the stream there.
+    ``state_after((N - base_step) x micro_batch_size x grad_accum_steps)``, the
+    rows N steps consumed since the plan began (a re-planned one at ``base_step``).
+    It learns the step as one of the Trainer's callbacks (every ``on_step_end``
+    comes before that step's ``on_save``); loading a state restarts the stream there.
     """
 
-    def __init__(self, dataset: PackedDataset, rows_per_step: int):
+    def __init__(self, dataset: PackedDataset, rows_per_step: int, base_step: int = 0):
         self.dataset = dataset
         self.rows_per_step = rows_per_step
+        self.base_step = base_step
         self.step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
@@ -122,7 +123,7 @@ class StepCursor(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         if self.step is None:
             raise RuntimeError("StepCursor saved before any step: it must be one of the Trainer's callbacks")
-        return self.dataset.state_after(self.step * self.rows_per_step)
+        return self.dataset.state_after((self.step - self.base_step) * self.rows_per_step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state_dict)

@@ -37,7 +37,7 @@ from sft_cluster.train.model import build_model, load_chat, save_final_model
 from sft_cluster.train.plans import eval_plan, prepared_plan
 from sft_cluster.train.progress import LogSink, ProgressSink
 from sft_cluster.train.report import RecordingCollator, worker_report
-from sft_cluster.train.settings import cursor_settings, template_fingerprint
+from sft_cluster.train.settings import DATA_CURSOR, cursor_settings, template_fingerprint
 from sft_cluster.train.steps import TrainSteps, resolve_steps
 from sft_cluster.train.strategy import (
     StrategyPlan,
@@ -55,9 +55,6 @@ from sft_cluster.train.trainer import (
     sft_config,
     streaming_trainer,
 )
-
-# The states each rank saves in every checkpoint, by name (their folder in it).
-DATA_CURSOR = "data-cursor"
 
 
 @dataclass
@@ -124,7 +121,8 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
     rank, world_size = collectives.rank_and_world()
     plan = prepared_plan(job, rank)
     # train.epochs: every rank counts its share of the plan (saved for restarts), before the model is built.
-    settings = cursor_settings(job, template_fingerprint(encoder.template))
+    rows_per_step = job.train.micro_batch_size * job.train.grad_accum_steps
+    settings = cursor_settings(job, template_fingerprint(encoder.template), rows_per_step * world_size)
     notify = _notifier(sink)
     steps = resolve_steps(job, plan, encoder, settings, notify=notify)
     set_steps(args, job, steps.max_steps)
@@ -135,7 +133,6 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
         _say_template_choices(job, encoder, model, notify)
         run.write_json(run.strategy, strategy.record())
     dataset = PackedDataset(plan, rank, job.data, job.storage, encoder, keep=train_filter(job.data))
-    rows_per_step = job.train.micro_batch_size * job.train.grad_accum_steps
     return Components(
         job=job,
         sink=sink,
@@ -150,7 +147,7 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
         steps=steps,
         model=model,
         dataset=dataset,
-        states={DATA_CURSOR: StepCursor(dataset, rows_per_step)},
+        states={DATA_CURSOR: StepCursor(dataset, rows_per_step, plan.base_step)},
         cursor_settings=settings,
         store=run.checkpoint_store(),
     )
@@ -199,8 +196,10 @@ def restore(parts: Components) -> Iterator[Resume]:
     Whatever checkpoint.resume says: the driver's claim refused other runs' commits, so these are ours.
     """
     step, folder = _resume_point(parts)
+    # A plan re-planned at this very step starts every new rank's cursor afresh (sft_cluster.data.replan).
+    replanned = bool(parts.plan.history) and step == parts.plan.base_step
     try:
-        if folder is not None:
+        if folder is not None and not replanned:
             restore_states(folder, parts.states, parts.rank)
         yield Resume(step, folder)
     finally:

@@ -184,3 +184,68 @@ def test_zero3_with_optimizer_and_parameter_offload_matches_ddp(runs, tmp_path):
     assert len(losses) == STEPS
     # DeepSpeedCPUAdam is another AdamW implementation: close to DDP's, not bitwise.
     assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-3
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _resumable_copy(source: Path, out: Path) -> Path:
+    """A copy of a finished run cut back to its step-10 commit, as if it had stopped there."""
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "checkpoints" / f"step-{STEPS:08d}")
+    shutil.rmtree(out / "final")
+    return out
+
+
+def _assert_resized(out: Path, reference: Path, workers: int, split: str, printed: str) -> None:
+    """The resume at ``workers`` trained on that many processes from step 10 to the end, with the
+    global batch and learning-rate schedule kept, a loss close to the uninterrupted run's, and the
+    re-plan recorded in the plan and said to the user."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"] == [10]
+    reports = [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank-*.json"))]
+    assert [r["world_size"] for r in reports] == [workers] * workers
+    assert len({r["pid"] for r in reports}) == workers
+    assert all(r["trained_tokens_seen"] > 100 for r in reports)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["world_size"] == workers
+    assert [(h["from"], h["to"], h["step"]) for h in plan["history"]] == [(2, workers, 10)]
+    assert (out / "plans" / f"{plan['history'][0]['plan']}.json").exists()  # the commit's own plan, kept
+    resumed, uninterrupted = _metrics(out), _metrics(reference)
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    assert [m["learning_rate"] for m in resumed] == pytest.approx([m["learning_rate"] for m in uninterrupted])
+    assert resumed[-1]["loss"] == pytest.approx(uninterrupted[-1]["loss"], rel=0.15)
+    assert f"resuming at step 10 on {workers} workers (the checkpoint was written by 2)" in printed
+    assert split in printed
+
+
+def test_ddp_resumes_on_four_workers_with_the_global_batch_kept(runs, tmp_path):
+    """2 -> 4 workers: at micro batch 4 the global batch of 8 does not split over 4 without
+    train.global_batch_size (refused, nothing written); with it, micro batch 2 x accumulation 1."""
+    outs, env = runs
+    out = _resumable_copy(outs["ddp"], tmp_path / "ddp")
+    plan_before = (out / "plan.json").read_text()
+    refused = run_torchrun(out / "job.yaml", env, f"output_uri={out}", nproc=4)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert (
+        "does not split over 4 workers at micro batch 4: set resources.num_workers to one of 1, 2, or "
+        "train.global_batch_size=8 to let the micro batch follow (then any of 1, 2, 4, 8)"
+    ) in refused.stderr
+    assert (out / "plan.json").read_text() == plan_before
+    result = run_torchrun(out / "job.yaml", env, f"output_uri={out}", "train.global_batch_size=8", nproc=4)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    _assert_resized(out, outs["ddp"], 4, "8 rows = micro batch 2 x accumulation 1 x 4 workers", printed)
+
+
+def test_fsdp2_resumes_on_one_worker_through_the_cli(runs, tmp_path):
+    """2 -> 1 worker with `sft-cluster resume RUN --workers 1`: DCP reshards the model and optimizer,
+    accumulation doubles."""
+    outs, env = runs
+    out = _resumable_copy(outs["fsdp2"], tmp_path / "fsdp2")
+    result = run_cli(["resume", str(out), "--workers", "1"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    _assert_resized(out, outs["fsdp2"], 1, "8 rows = micro batch 4 x accumulation 2 x 1 workers", printed)
+    assert "(was micro batch 4 x accumulation 1)" in printed

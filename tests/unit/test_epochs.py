@@ -148,13 +148,15 @@ def _epochs_job(out: Path, *overrides: str):
 
 def test_steps_from_rows_and_the_epoch_of_a_step(tmp_path):
     job = _epochs_job(tmp_path, "train.epochs=2.5", "train.micro_batch_size=2", "train.grad_accum_steps=2")
-    steps = steps_from_rows(job, [41, 40])
+    steps = steps_from_rows(job, [41, 40], global_rows=8)  # 2 x 2 x 2 workers
     assert steps == TrainSteps(max_steps=25, steps_per_epoch=10.0)
+    # The same global batch on 4 workers (micro 1 x accumulation 2): the same steps.
+    assert steps_from_rows(job, [41, 40], global_rows=1 * 2 * 4) == steps
     assert steps.epoch(25) == 2.5 and TrainSteps(40).epoch(3) is None
     with pytest.raises(
         DataError, match=r"train.epochs = 0.01 is not one optimizer step.*rank 1\) packs into 40"
     ):
-        steps_from_rows(_epochs_job(tmp_path, "train.epochs=0.01"), [41, 40])
+        steps_from_rows(_epochs_job(tmp_path, "train.epochs=0.01"), [41, 40], global_rows=8)
 
 
 def test_the_count_is_saved_with_the_plan_and_a_restart_reads_it(tmp_path, monkeypatch):

@@ -1,0 +1,108 @@
+"""The data plan and batch split of a resume, on whatever number of workers it got.
+
+A resume reads the newest commit's data cursors and the plan they name (kept
+by id in ``plans/``: a later re-plan may have replaced ``plan.json`` before
+crashing). On the world size and batch split they were written with, that
+plan is the plan. On another world size, or another split of the same global
+batch, ``sft_cluster.data.replan`` deals what is left to the new workers, and
+the new plan records the change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from sft_cluster import storage
+from sft_cluster.checkpoint.manifest import state_file
+from sft_cluster.data import DataError, ShardPlan
+from sft_cluster.data.replan import replan
+from sft_cluster.spec import JobSpec
+from sft_cluster.tracking import RunDir, run_dir_of
+from sft_cluster.train.batch import BatchSplit, batch_split, with_split
+from sft_cluster.train.settings import DATA_CURSOR
+
+__all__ = ["read_plan", "resume_plan", "save_plan", "workers_job"]
+
+
+def read_plan(run: RunDir, plan_id: str | None = None) -> ShardPlan:
+    """``plan.json``, or the run's plan named ``plan_id`` (DataError when it is not kept)."""
+    current = ShardPlan.from_json(storage.read_text(run.plan, run.options))
+    if plan_id is None or current.id == plan_id:
+        return current
+    uri = run.plan_by_id(plan_id)
+    if not storage.exists(uri, run.options):
+        raise DataError(f"the newest commit's data cursors are for plan {plan_id}, which {uri} does not hold")
+    return ShardPlan.from_json(storage.read_text(uri, run.options))
+
+
+def save_plan(run: RunDir, plan: ShardPlan) -> None:
+    """``plan.json`` and its copy by id (what a later resume finds from a commit's cursors)."""
+    text = plan.to_json()
+    storage.write_text(run.plan_by_id(plan.id), text, run.options)
+    storage.write_text(run.plan, text, run.options)
+
+
+def workers_job(job: JobSpec, world_size: int) -> JobSpec:
+    """The job as the workers of a prepared run train it, for a node that did not prepare it."""
+    plan = read_plan(run_dir_of(job))
+    return with_split(job, batch_split(job, world_size, plan.first_world_size))
+
+
+def _commit_cursors(run: RunDir) -> tuple[int, dict[str, Any], list[dict[str, Any]]] | None:
+    """(step, manifest metadata, every rank's data cursor) of the newest commit (sizes checked)."""
+    store = run.checkpoint_store()
+    latest = store.latest(fast=True)
+    if latest is None:
+        return None
+    metadata = latest.manifest.metadata
+    cursors = []
+    for rank in range(int(metadata.get("world_size", 1))):
+        uri = storage.join(latest.uri, state_file(DATA_CURSOR, rank))
+        cursors.append(json.loads(storage.read_text(uri, run.options)))
+    return latest.step, metadata, cursors
+
+
+def _saved_split(metadata: dict[str, Any]) -> tuple[int, int, int]:
+    settings = metadata.get("cursor_settings", {})
+    return (
+        int(settings.get("train.micro_batch_size", 0)),
+        int(settings.get("train.grad_accum_steps", 0)),
+        int(metadata.get("world_size", 0)),
+    )
+
+
+def resume_plan(
+    job: JobSpec, run: RunDir, world_size: int, notify: Callable[[str], None]
+) -> tuple[ShardPlan, BatchSplit]:
+    """The plan and split this resume trains with: the newest commit's, or re-planned from it."""
+    found = _commit_cursors(run)
+    plan = read_plan(run, found[2][0]["plan"] if found else None)
+    split = batch_split(job, world_size, plan.first_world_size)
+    if found is None:
+        return plan, split
+    step, metadata, cursors = found
+    if _saved_split(metadata) == (split.micro, split.accum, world_size):
+        if plan.id != ShardPlan.from_json(storage.read_text(run.plan, run.options)).id:
+            save_plan(run, plan)  # a re-plan that never committed is dropped
+        return plan, split
+    if job.strategy.kind == "deepspeed":
+        raise DataError(
+            f"the run's checkpoints were written by {plan.world_size} DeepSpeed workers; resuming ZeRO on "
+            f"{world_size} is not supported yet: set resources.num_workers={plan.world_size}"
+        )
+    new = replan(plan, cursors, job.data, world_size, step)
+    save_plan(run, new)
+    micro, accum, old_world = _saved_split(metadata)
+    notify(
+        f"resuming at step {step} on {world_size} workers (the checkpoint was written by {old_world}): "
+        f"the data left of the epochs in progress is re-planned for {world_size} (plan {new.id}); "
+        f"global batch {split.describe()}"
+        + (
+            f" (was micro batch {micro} x accumulation {accum})"
+            if (micro, accum) != (split.micro, split.accum)
+            else ""
+        )
+    )
+    return new, split
