@@ -115,7 +115,8 @@ def test_yaml_1_2_exponent_floats_in_files(in_tmp: Path) -> None:
             "max_steps: 10, lr: 1",
             "unknown key 'train.lr' (valid keys: "
             "max_steps, epochs, micro_batch_size, grad_accum_steps, global_batch_size, learning_rate, "
-            "lr_scheduler, warmup_steps, weight_decay, max_grad_norm, seed, logging_steps, eval_every_n_steps)",
+            "lr_scheduler, warmup_steps, weight_decay, max_grad_norm, seed, logging_steps, "
+            "eval_every_n_steps)",
         ),
         ("max_steps: 10", "max_step: 10", "unknown key 'train.max_step' (did you mean 'train.max_steps'?)"),
         (
