@@ -1,5 +1,6 @@
 """The data plan across a resume, under plain torchrun: reused when the bucket changed (with a
-warning), refused for another world size (the cursors belong to the plan)."""
+warning), refused for another seed (the cursors belong to the plan). Another world size re-plans:
+tests/unit/test_data_replan.py and test_strategies.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_world_size(
+def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_seed(
     tmp_path, isolated_env
 ):
     lines = Path(resolve_builtin("builtin:smoke-chat.jsonl")).read_text().splitlines(keepends=True)
@@ -56,11 +57,11 @@ def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_w
     assert _losses(out) == _losses(reference)
     assert max_weight_diff(out, reference) == 0.0
 
-    # Another world size cannot use the saved cursors: a clear error, nothing changed.
+    # Another seed cannot use the saved cursors: a clear error, nothing changed.
     shutil.rmtree(out / "checkpoints" / "step-00000020")
-    other = run_torchrun(JOB, isolated_env, *overrides, nproc=1)
+    other = run_torchrun(JOB, isolated_env, *overrides, "train.seed=7")
     assert other.returncode == 2, other.stderr[-3000:]
-    assert "the run was planned for 2 ranks, this one has 1 (set resources.num_workers=2)" in other.stderr
+    assert "the run was planned with train.seed=42, not 7" in other.stderr
     assert "Traceback" not in other.stderr
     assert (out / "checkpoints" / "step-00000010" / "COMMITTED").exists()
     assert (out / "plan.json").read_text() == plan
