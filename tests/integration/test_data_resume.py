@@ -18,9 +18,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_seed(
-    tmp_path, isolated_env
-):
+def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_seed(tmp_path, isolated_env):
     lines = Path(resolve_builtin("builtin:smoke-chat.jsonl")).read_text().splitlines(keepends=True)
     data = tmp_path / "data"
     data.mkdir()
