@@ -24,10 +24,13 @@ from rich.console import Console
 
 from sft_cluster import storage
 from sft_cluster.console import ProgressDisplay
+from sft_cluster.data import DataError
+from sft_cluster.driver.resize import resume_plan
 from sft_cluster.driver.run import Outcome, Prepared, drive
 from sft_cluster.driver.stopfile import StopFile
 from sft_cluster.spec import JobSpec
-from sft_cluster.tracking import RunDir
+from sft_cluster.tracking import RunDir, run_dir_of
+from sft_cluster.train.batch import BatchSplit, with_split
 from sft_cluster.train.steps import planned_steps
 
 # Worker processes keep the driver's working directory (relative paths in the job file).
@@ -110,7 +113,31 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         os.environ[DEVICE_ENV] = str(device.index)
     job = JobSpec.model_validate(config["job"])
-    run_worker(job, ChannelSink(config["channel"]), verify_fast=config["verify_fast"])
+    sink = ChannelSink(config["channel"])
+    if job.resources.elastic:
+        job = _sized_for_this_group(job, sink)
+    run_worker(job, sink, verify_fast=config["verify_fast"])
+
+
+def _sized_for_this_group(job: JobSpec, sink: ChannelSink) -> JobSpec:
+    """An elastic run's group may start at any size in the range, inside ``fit()`` where no
+    driver code runs: rank 0 re-plans for this size (``resize``), every rank takes its split."""
+    from sft_cluster.train import collectives
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    outcome: tuple[str, int, int] | None = None
+    if rank == 0:
+        try:
+            notify = lambda message: sink.emit({"kind": "notice", "message": message})  # noqa: E731
+            split = resume_plan(job, run_dir_of(job), world_size, notify)[1]
+            outcome = ("split", split.micro, split.accum)
+        except DataError as exc:  # every rank must hear of it, or the others wait forever
+            outcome = (str(exc), 0, 0)
+    said, micro, accum = collectives.broadcast_from_rank0(outcome)
+    if said != "split":
+        raise DataError(said)
+    return with_split(job, BatchSplit(micro, accum, world_size))
 
 
 @contextlib.contextmanager
@@ -203,7 +230,7 @@ class RayTrainExecutor:
         return per_worker
 
     def world(self, job: JobSpec) -> tuple[int, int]:
-        return job.resources.num_workers, worker_nodes(self._per_worker(job))
+        return job.resources.max_workers, worker_nodes(self._per_worker(job))
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
         job, run = prepared.job, prepared.run
@@ -220,7 +247,12 @@ class RayTrainExecutor:
                 "verify_fast": self.verify_fast,
             },
             scaling_config=ScalingConfig(
-                num_workers=job.resources.num_workers,
+                num_workers=(
+                    (job.resources.min_workers, job.resources.max_workers)
+                    if job.resources.elastic
+                    else job.resources.num_workers
+                ),
+                elastic_resize_monitor_interval_s=job.resources.resize_interval_s,
                 use_gpu=use_gpu,
                 resources_per_worker=self._per_worker(job),
             ),

@@ -1,5 +1,8 @@
 """The data plan and batch split of a resume, on whatever number of workers it got.
 
+Called by the driver's claim before any worker starts, and (elastic runs) by rank 0 at
+every worker group's start, since Ray Train resizes the group inside ``fit()``.
+
 A resume reads the newest commit's data cursors and the plan they name (kept
 by id in ``plans/``: a later re-plan may have replaced ``plan.json`` before
 crashing). On the world size and batch split they were written with, that
@@ -16,7 +19,7 @@ from typing import Any
 
 from sft_cluster import storage
 from sft_cluster.checkpoint.manifest import state_file
-from sft_cluster.data import DataError, ShardPlan
+from sft_cluster.data import DataError, ShardPlan, build_plan
 from sft_cluster.data.replan import replan
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import RunDir, run_dir_of
@@ -57,11 +60,12 @@ def _commit_cursors(run: RunDir) -> tuple[int, dict[str, Any], list[dict[str, An
     if latest is None:
         return None
     metadata = latest.manifest.metadata
-    cursors = []
-    for rank in range(int(metadata.get("world_size", 1))):
-        uri = storage.join(latest.uri, state_file(DATA_CURSOR, rank))
-        cursors.append(json.loads(storage.read_text(uri, run.options)))
-    return latest.step, metadata, cursors
+    fs, root = storage.filesystem(latest.uri, run.options)
+    paths = [
+        f"{root.rstrip('/')}/{state_file(DATA_CURSOR, r)}" for r in range(int(metadata.get("world_size", 1)))
+    ]
+    texts = fs.cat(paths)  # one batch: object stores fetch them concurrently
+    return latest.step, metadata, [json.loads(texts[path]) for path in paths]
 
 
 def _saved_split(metadata: dict[str, Any]) -> tuple[int, int, int]:
@@ -79,19 +83,20 @@ def resume_plan(
     """The plan and split this resume trains with: the newest commit's, or re-planned from it."""
     found = _commit_cursors(run)
     plan = read_plan(run, found[2][0]["plan"] if found else None)
+    if found is None:  # nothing trained yet that counts: plan afresh for this size
+        if plan.world_size != world_size:
+            notify(
+                f"starting on {world_size} workers (planned for {plan.world_size}): planning the data again"
+            )
+            plan = build_plan(job.data, job.storage, world_size, job.train.seed)
+            save_plan(run, plan)
+        return plan, batch_split(job, world_size, plan.first_world_size)
     split = batch_split(job, world_size, plan.first_world_size)
-    if found is None:
-        return plan, split
     step, metadata, cursors = found
     if _saved_split(metadata) == (split.micro, split.accum, world_size):
         if plan.id != ShardPlan.from_json(storage.read_text(run.plan, run.options)).id:
             save_plan(run, plan)  # a re-plan that never committed is dropped
         return plan, split
-    if job.strategy.kind == "deepspeed":
-        raise DataError(
-            f"the run's checkpoints were written by {plan.world_size} DeepSpeed workers; resuming ZeRO on "
-            f"{world_size} is not supported yet: set resources.num_workers={plan.world_size}"
-        )
     new = replan(plan, cursors, job.data, world_size, step)
     save_plan(run, new)
     micro, accum, old_world = _saved_split(metadata)

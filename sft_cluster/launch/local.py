@@ -130,12 +130,12 @@ class LocalBackend:
     def plan(self, job: JobSpec) -> LocalRequest:
         job = anchor_local_paths(job)
         r = job.resources
-        needed = int(r.num_workers * r.cpus_per_worker + 0.999)
+        needed = int(r.max_workers * r.cpus_per_worker + 0.999)
         plan = {
             "launcher": "local (embedded Ray)",
             "ray_init": {"num_cpus": self.cluster.num_cpus or max(needed, os.cpu_count() or 1)},
             "scaling_config": {
-                "num_workers": r.num_workers,
+                "num_workers": [r.min_workers, r.max_workers] if r.elastic else r.num_workers,
                 "resources_per_worker": {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker},
             },
             "backend": "nccl" if r.gpus_per_worker else "gloo",

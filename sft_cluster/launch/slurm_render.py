@@ -79,7 +79,7 @@ def node_count(job: JobSpec, cluster: SlurmCluster) -> int:
         return cluster.nodes
     if cluster.gpus_per_node and job.resources.gpus_per_worker:
         per_node = max(1, int(cluster.gpus_per_node // job.resources.gpus_per_worker))
-        return -(-job.resources.num_workers // per_node)
+        return -(-job.resources.max_workers // per_node)
     return 1
 
 
@@ -94,7 +94,7 @@ def sbatch_options(job: JobSpec, cluster: SlurmCluster, log_path: str, workdir: 
     if cluster.gpus_per_node:
         options.append(f"--gpus-per-node={cluster.gpus_per_node}")
     # One task per node holds the node's workers (Ray or torchrun): their CPUs by default.
-    per_node = -(-job.resources.num_workers // nodes)
+    per_node = -(-job.resources.max_workers // nodes)
     cpus = cluster.cpus_per_task or max(1, math.ceil(per_node * job.resources.cpus_per_worker))
     options.append(f"--cpus-per-task={cpus}")
     if cluster.mem:
@@ -137,7 +137,7 @@ def render(
             f"add SIG{sig} there or change the cluster's signal"
         )
     nodes = node_count(job, cluster)
-    workers = job.resources.num_workers
+    workers = job.resources.max_workers
     if cluster.launcher == "torchrun" and workers % nodes:
         raise LaunchError(
             f"resources.num_workers = {workers} does not divide over {nodes} nodes "

@@ -210,10 +210,56 @@ class CheckpointSpec(Strict):
     )
 
 
+class WorkerRange(Strict):
+    """An elastic worker count: the run goes on with as many as the cluster gives, in [min, max]."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise rule_error(
+                f"resources.num_workers = {{min: {self.min}, max: {self.max}}}: min is above max"
+            )
+        return self
+
+
 class ResourcesSpec(Strict):
-    num_workers: int = Field(1, ge=1, json_schema_extra={"hint": "at least 1 worker"})
+    num_workers: int | WorkerRange = 1
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    # Elastic runs (num_workers {min, max}): how often Ray Train considers growing a healthy group.
+    resize_interval_s: float = Field(60.0, gt=0)
+
+    @field_validator("num_workers", mode="wrap")
+    @classmethod
+    def _count_or_range(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One plain message instead of one error per member of the union."""
+        if isinstance(value, dict):
+            return WorkerRange.model_validate(value)
+        try:
+            count = handler(value)
+        except ValidationError:
+            count = None
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(
+                "must be a positive integer (at least 1 worker), or {min: M, max: N} for an elastic run"
+            )
+        return count
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run asks for (the fixed count, or the range's max)."""
+        return self.num_workers.max if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -268,12 +314,33 @@ class JobSpec(Strict):
                 "data.eval and data.eval_fraction are both set (evaluate on the data.eval sources "
                 "or on a held-out fraction of the training data, not both)"
             )
-        problems = _strategy_problems(self)
+        problems = _strategy_problems(self) + _elastic_problems(self)
         if problems:
             raise rule_error(*problems)
         if not self.output_uri:
             self.output_uri = f"runs/{self.name}"
         return self
+
+
+def _elastic_problems(job: JobSpec) -> list[str]:
+    """An elastic worker count keeps one global batch at every size it may run at."""
+    resources, rows = job.resources, job.train.global_batch_size
+    if not resources.elastic:
+        return []
+    sizes = f"{{min: {resources.min_workers}, max: {resources.max_workers}}}"
+    if rows is None:
+        return [
+            f"resources.num_workers = {sizes} needs train.global_batch_size: the rows of one "
+            "optimizer step over all workers, kept at every world size (e.g. train.global_batch_size: "
+            f"{job.train.micro_batch_size * job.train.grad_accum_steps * resources.max_workers})"
+        ]
+    misfits = [w for w in range(resources.min_workers, resources.max_workers + 1) if rows % w]
+    if misfits:
+        return [
+            f"train.global_batch_size = {rows} does not split over {', '.join(map(str, misfits))} workers, "
+            f"which resources.num_workers = {sizes} allows (use a multiple of every size in the range)"
+        ]
+    return []
 
 
 def _strategy_problems(job: JobSpec) -> list[str]:

@@ -226,11 +226,19 @@ def find_resume_step(
 
 
 def fetch_checkpoint(
-    store: CheckpointStore, step: int, token: str, rank: int
+    store: CheckpointStore,
+    step: int,
+    token: str,
+    rank: int,
+    every_rank: int | None = None,
+    on_node: Callable[[Path], None] | None = None,
 ) -> tuple[Path, list[str] | None]:
     """(the folder to resume from, the files this rank fetched): each rank fetches only its
     own files, and the first rank of each node the files every rank reads, into one folder
-    the node's ranks share (collective).
+    the node's ranks share (collective). With ``every_rank`` (the world size that wrote the
+    checkpoint) the first rank of each node fetches every rank's files, also from a local run
+    directory (a ZeRO reshard converts them, and must not write into the commit); that rank
+    then runs ``on_node(folder)`` before the node's other ranks read the folder.
 
     A node is what ``staging.node_key`` names (the Ray node, Slurm's node, the host), told
     apart by gathering every rank's key rather than by ``LOCAL_RANK``: Ray Train counts
@@ -238,13 +246,17 @@ def fetch_checkpoint(
     share none of their files. A local run directory is used in place (nothing fetched: None).
     """
     in_place = store.local_folder(step)
-    if in_place is not None:
+    if in_place is not None and every_rank is None:
         return in_place, None
     nodes = collectives.gather_objects(staging.node_key())
     owner = nodes.index(nodes[rank]) == rank  # the first rank of this node
     manifest = store.read_manifest(step)
     folder = staging.node_folder(token, owner=owner)
-    files = files_to_fetch(manifest, [rank], shared=owner)
+    files = files_to_fetch(
+        manifest, list(range(every_rank)) if every_rank and owner else [rank], shared=owner
+    )
     store.download_files(step, files, folder)
+    if owner and on_node is not None:
+        on_node(folder)
     collectives.barrier()  # the node's shared files are in place
     return folder, files

@@ -228,5 +228,5 @@ def describe_strategy(job: JobSpec) -> dict[str, Any]:
     has bf16; the run writes what it really used to ``strategy.json``.
     """
     on_gpu = job.resources.gpus_per_worker > 0
-    plan = plan_strategy(job, job.resources.num_workers, resolve_precision(job, on_gpu), on_gpu)
+    plan = plan_strategy(job, job.resources.max_workers, resolve_precision(job, on_gpu), on_gpu)
     return plan.record()

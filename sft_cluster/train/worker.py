@@ -29,7 +29,7 @@ from sft_cluster.data.evalset import eval_batches, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
-from sft_cluster.train import collectives, compat, signals, staging
+from sft_cluster.train import collectives, compat, signals, staging, zero_universal
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step, restore_states
 from sft_cluster.train.evaluation import EvalCallback
@@ -81,10 +81,12 @@ class Components:
 
 @dataclass
 class Resume:
-    """Where this attempt starts: the resumed step and its local folder (None, None: from scratch)."""
+    """Where this attempt starts: the resumed step and its local folder (None, None: from scratch);
+    ``universal``: a ZeRO checkpoint of another world size, converted to DeepSpeed's universal one."""
 
     step: int | None
     folder: Path | None
+    universal: bool = False
 
 
 @dataclass
@@ -195,31 +197,50 @@ def restore(parts: Components) -> Iterator[Resume]:
 
     Whatever checkpoint.resume says: the driver's claim refused other runs' commits, so these are ours.
     """
-    step, folder = _resume_point(parts)
+    step, folder, universal = _resume_point(parts)
     # A plan re-planned at this very step starts every new rank's cursor afresh (sft_cluster.data.replan).
     replanned = bool(parts.plan.history) and step == parts.plan.base_step
     try:
         if folder is not None and not replanned:
             restore_states(folder, parts.states, parts.rank)
-        yield Resume(step, folder)
+        yield Resume(step, folder, universal)
     finally:
         if folder is not None and folder.name.startswith(staging.PREFIX):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _resume_point(parts: Components) -> tuple[int | None, Path | None]:
-    """(step, folder) of the newest verified commit of this run, fetched for this rank; or Nones."""
+def _resume_point(parts: Components) -> tuple[int | None, Path | None, bool]:
+    """(step, folder, universal) of the newest verified commit of this run, fetched for this rank;
+    or Nones. A ZeRO checkpoint of another world size is converted on each node (``universal``)."""
     store, rank, notify = parts.store, parts.rank, _notifier(parts.sink)
     found = find_resume_step(store, rank, fast=parts.verify_fast, on_skip=notify)
     if found is None:
-        return None, None
+        return None, None, False
     step, token = found
-    folder, fetched = fetch_checkpoint(store, step, token, rank)
+    manifest = store.read_manifest(step)
+    written_by = int(manifest.metadata.get("world_size", parts.world_size))
+    universal = parts.strategy.kind == "deepspeed" and written_by != parts.world_size
+
+    def convert(folder: Path) -> None:
+        started = time.monotonic()
+        zero_universal.to_universal(folder)
+        notify(
+            f"rank {rank}: converted the ZeRO checkpoint of step {step} ({written_by} workers) to "
+            f"DeepSpeed's universal one for {parts.world_size} in {time.monotonic() - started:.1f} s"
+        )
+
+    folder, fetched = fetch_checkpoint(
+        store,
+        step,
+        token,
+        rank,
+        every_rank=written_by if universal else None,
+        on_node=convert if universal else None,
+    )
     if fetched is not None:
-        sizes = store.read_manifest(step).files
-        size = sum(int(sizes[rel]["size"]) for rel in fetched)
+        size = sum(int(manifest.files[rel]["size"]) for rel in fetched)
         notify(f"rank {rank} fetched {len(fetched)} files ({size:,} bytes) of step {step}")
-    return step, folder
+    return step, folder, universal
 
 
 def train(parts: Components, resume: Resume) -> Training:
@@ -253,6 +274,9 @@ def train(parts: Components, resume: Resume) -> Training:
     )
     if evaluator is not None:
         evaluator.trainer = trainer
+    if resume.universal:
+        zero_universal.load_universal(trainer)
+        trainer.add_callback(zero_universal.UntieAdamSteps())
     sink.emit({"kind": "start", "rank": rank, "world_size": parts.world_size, "resumed_from": resume.step})
     trainer.train(resume_from_checkpoint=str(resume.folder) if resume.folder else None)
     committer.finish()

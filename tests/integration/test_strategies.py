@@ -249,3 +249,19 @@ def test_fsdp2_resumes_on_one_worker_through_the_cli(runs, tmp_path):
     printed = result.stdout + result.stderr
     _assert_resized(out, outs["fsdp2"], 1, "8 rows = micro batch 4 x accumulation 2 x 1 workers", printed)
     assert "(was micro batch 4 x accumulation 1)" in printed
+
+
+def test_zero3_resumes_on_one_worker_through_deepspeeds_universal_checkpoint(runs, tmp_path):
+    """2 -> 1 worker under ZeRO-3: the node's first rank fetches both ranks' partitions into its
+    own folder (the commit is not written to) and converts them; the run continues from step 10."""
+    outs, env = runs
+    out = _resumable_copy(outs["zero3"], tmp_path / "zero3")
+    committed = sorted(p.name for p in (out / "checkpoints" / "step-00000010").rglob("*"))
+    result = run_torchrun(out / "job.yaml", env, f"output_uri={out}", nproc=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert (
+        "converted the ZeRO checkpoint of step 10 (2 workers) to DeepSpeed's universal one for 1" in printed
+    )
+    _assert_resized(out, outs["zero3"], 1, "8 rows = micro batch 4 x accumulation 2 x 1 workers", printed)
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000010").rglob("*")) == committed

@@ -155,7 +155,17 @@ def test_job_mistake_gives_one_exact_line(in_tmp: Path, old: str, new: str, line
     [
         (
             "resources: {num_workers: 0}",
-            "resources.num_workers = 0: must be a positive integer (at least 1 worker)",
+            "resources.num_workers = 0: must be a positive integer (at least 1 worker), or "
+            "{min: M, max: N} for an elastic run",
+        ),
+        (
+            "resources: {num_workers: {min: 3, max: 2}}",
+            "resources.num_workers = {min: 3, max: 2}: min is above max",
+        ),
+        (
+            "resources: {num_workers: {min: 1, max: 2}}",
+            "resources.num_workers = {min: 1, max: 2} needs train.global_batch_size: the rows of one "
+            "optimizer step over all workers, kept at every world size (e.g. train.global_batch_size: 8)",
         ),
         ("strategy: {kind: fsdpp}", "strategy.kind = 'fsdpp': must be one of 'ddp', 'fsdp', 'deepspeed'"),
         ("strategy: {kind: fsdp, fsdp: {version: 3}}", "strategy.fsdp.version = 3: must be one of 1, 2"),
@@ -193,7 +203,8 @@ def test_section_mistake_gives_one_exact_line(in_tmp: Path, extra: str, line: st
 def test_every_problem_is_reported(in_tmp: Path) -> None:
     text = MINIMAL.replace("train:", "trian:") + "resources: {num_workers: 0}\nname2: x\n"
     assert job_errors(text) == [
-        "error: jobs/smoke.yaml: resources.num_workers = 0: must be a positive integer (at least 1 worker)",
+        "error: jobs/smoke.yaml: resources.num_workers = 0: must be a positive integer (at least 1 worker), "
+        "or {min: M, max: N} for an elastic run",
         "error: jobs/smoke.yaml: unknown key 'trian' (did you mean 'train'?)",
         "error: jobs/smoke.yaml: unknown key 'name2' (did you mean 'name'?)",
     ]
