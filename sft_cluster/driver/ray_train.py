@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
@@ -30,7 +31,7 @@ from sft_cluster.driver.run import Outcome, Prepared, drive
 from sft_cluster.driver.stopfile import StopFile
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import RunDir, run_dir_of
-from sft_cluster.train.batch import BatchSplit, with_split
+from sft_cluster.train.batch import BatchSplit, misfits, with_split
 from sft_cluster.train.steps import planned_steps
 
 # Worker processes keep the driver's working directory (relative paths in the job file).
@@ -39,17 +40,42 @@ os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 @ray.remote(num_cpus=0)
 class ProgressChannel:
-    """Worker events up to the driver, a stop request down to the workers.
+    """Worker events up to the driver, a stop request and a save request down to the workers.
 
-    Workers push with fire-and-forget calls, so a step never waits on it.
+    Workers push with fire-and-forget calls, so a step never waits on it. It
+    also knows whether the group is training, and its newest commit, for
+    ``CommitBeforeResize``.
     """
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
         self._stop = False
+        self._save = False
+        self.training = False  # a group started and has not failed since
+        self.committed = -1
+        self.stepped_at = time.monotonic()
 
     def push(self, event: dict[str, Any]) -> None:
         self._events.append(event)
+        kind = event.get("kind")
+        if kind == "start":
+            self.training = True
+        elif kind == "worker_failed":
+            self.training = False
+        elif kind == "checkpoint":
+            self.committed, self._save = event["step"], False
+        elif kind == "step":
+            self.stepped_at = time.monotonic()
+
+    def request_save(self) -> None:
+        self._save = True
+
+    def save_requested(self) -> bool:
+        return self._save
+
+    def state(self) -> tuple[bool, int, float]:
+        """(training, newest committed step, seconds since the last step)."""
+        return self.training, self.committed, time.monotonic() - self.stepped_at
 
     def drain(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []
@@ -66,7 +92,8 @@ class ChannelSink:
     """The worker-side end of ``ProgressChannel``.
 
     A daemon thread polls for a stop request every few seconds and turns it
-    into the same flag a preemption signal sets.
+    into the same flag a preemption signal sets, and a save request into the
+    flag that makes the next step a commit.
     """
 
     def __init__(self, channel: Any, poll_seconds: float = 2.0):
@@ -79,6 +106,8 @@ class ChannelSink:
                 with contextlib.suppress(Exception):
                     if ray.get(channel.stop_requested.remote(), timeout=30):
                         signals.STOP_REQUESTED.set()
+                    if ray.get(channel.save_requested.remote(), timeout=30):
+                        signals.SAVE_REQUESTED.set()
                 time.sleep(poll_seconds)
 
         threading.Thread(target=poll, daemon=True).start()
@@ -98,6 +127,38 @@ class RestartNotice(UserCallback):
             lines = [line for line in str(exc).splitlines() if line.strip()]
             reason = lines[-1].strip() if lines else type(exc).__name__
             self.channel.push.remote({"kind": "worker_failed", "rank": rank, "reason": reason[:200]})
+
+
+class CommitBeforeResize(ControllerCallback):
+    """Runs in Ray Train's controller: before an elastic group that is training is resized (it
+    grows by restarting), the workers commit the step they are at, so the restart loses none.
+
+    A private hook of Ray 2.60 (``before_controller_execute_resize_decision``): RunConfig
+    callbacks that are not UserCallbacks join the controller's own. A group that failed, or
+    none yet, or one that stopped stepping, has nothing to commit: the resize goes ahead.
+    """
+
+    def __init__(self, channel: Any, timeout_s: float = 300.0, idle_s: float = 60.0):
+        self.channel = channel
+        self.timeout_s, self.idle_s = timeout_s, idle_s
+
+    def before_controller_execute_resize_decision(self, resize_decision: Any) -> None:
+        training, committed, idle = ray.get(self.channel.state.remote())
+        if not training or idle > self.idle_s:
+            return
+        self.channel.push.remote(
+            {
+                "kind": "notice",
+                "message": f"the worker group is resized to {resize_decision.num_workers}: committing first",
+            }
+        )
+        self.channel.request_save.remote()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            training, newest, idle = ray.get(self.channel.state.remote())
+            if newest > committed or not training or idle > self.idle_s:
+                return
+            time.sleep(0.5)
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -230,7 +291,19 @@ class RayTrainExecutor:
         return per_worker
 
     def world(self, job: JobSpec) -> tuple[int, int]:
-        return job.resources.max_workers, worker_nodes(self._per_worker(job))
+        """Raises DataError when an elastic range holds a size the global batch does not split over."""
+        resources = job.resources
+        bad = (
+            misfits(job, range(resources.min_workers, resources.max_workers + 1)) if resources.elastic else []
+        )
+        if bad:
+            raise DataError(
+                f"train.global_batch_size = {job.train.global_batch_size} does not split over "
+                f"{', '.join(map(str, bad))} workers, which resources.num_workers = "
+                f"{{min: {resources.min_workers}, max: {resources.max_workers}}} allows on Ray "
+                "(use a multiple of every size in the range)"
+            )
+        return resources.max_workers, worker_nodes(self._per_worker(job))
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
         job, run = prepared.job, prepared.run
@@ -262,7 +335,7 @@ class RayTrainExecutor:
                 name=f"{job.name}-{uuid.uuid4().hex[:8]}",
                 **ray_train_storage(run),
                 failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
-                callbacks=[RestartNotice(channel)],
+                callbacks=[RestartNotice(channel), CommitBeforeResize(channel)],
             ),
         )
         outcome = Outcome("failed")

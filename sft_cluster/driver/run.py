@@ -92,8 +92,8 @@ def drive(
     job: JobSpec, executor: Executor, console: Console, started_at: float | None = None
 ) -> dict[str, Any]:
     """Prepare, execute, finish; returns the summary (``status: rejected`` when refused)."""
-    world_size, nodes = executor.world(job)
     try:
+        world_size, nodes = executor.world(job)
         prepared = prepare(
             job,
             world_size,

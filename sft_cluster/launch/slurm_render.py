@@ -23,6 +23,7 @@ import jinja2
 
 from sft_cluster.launch.base import LaunchError
 from sft_cluster.spec import JobSpec, SlurmCluster
+from sft_cluster.train.batch import misfits
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 _SAFE_SBATCH = re.compile(r"[A-Za-z0-9_./:=,@+%-]+")
@@ -83,10 +84,19 @@ def node_count(job: JobSpec, cluster: SlurmCluster) -> int:
     return 1
 
 
+def node_range(job: JobSpec, cluster: SlurmCluster) -> tuple[int, int]:
+    """(fewest, most) nodes the job may run on: an elastic ``resources.num_workers {min, max}``
+    lets Slurm start (or requeue) it on fewer nodes than its most, as many workers on each."""
+    most = node_count(job, cluster)
+    per_node = -(-job.resources.max_workers // most)
+    return -(-job.resources.min_workers // per_node), most
+
+
 def sbatch_options(job: JobSpec, cluster: SlurmCluster, log_path: str, workdir: str) -> list[str]:
     """The ``#SBATCH`` lines, each ``--option=value`` (unquoted; the template quotes)."""
-    nodes = node_count(job, cluster)
-    options = [f"--job-name={job.name}", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    fewest, nodes = node_range(job, cluster)
+    span = f"{fewest}-{nodes}" if fewest < nodes else str(nodes)
+    options = [f"--job-name={job.name}", f"--nodes={span}", "--ntasks-per-node=1"]
     for field, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos")):
         value = getattr(cluster, field)
         if value:
@@ -136,13 +146,27 @@ def render(
             f"preemption (checkpoint.preemption_signals = {job.checkpoint.preemption_signals}); "
             f"add SIG{sig} there or change the cluster's signal"
         )
-    nodes = node_count(job, cluster)
+    fewest, nodes = node_range(job, cluster)
     workers = job.resources.max_workers
-    if cluster.launcher == "torchrun" and workers % nodes:
+    if cluster.launcher == "torchrun" and (workers % nodes or job.resources.min_workers % (workers // nodes)):
         raise LaunchError(
             f"resources.num_workers = {workers} does not divide over {nodes} nodes "
-            "(torchrun starts the same number of processes on every node)"
+            "(torchrun starts the same number of processes on every node"
+            + (
+                f", and an elastic run's min must be a multiple of it: {workers // nodes})"
+                if fewest < nodes
+                else ")"
+            )
         )
+    if fewest < nodes:
+        per_node = workers // nodes
+        bad = misfits(job, range(fewest * per_node, workers + 1, per_node))
+        if bad:
+            raise LaunchError(
+                f"train.global_batch_size = {job.train.global_batch_size} does not split over "
+                f"{', '.join(map(str, bad))} workers ({per_node} a node on {fewest} to {nodes} nodes): "
+                "use a multiple of each"
+            )
     log_path = os.path.join(run_dir, "slurm-%j.out")
     context: dict[str, Any] = {
         "name": job.name,
@@ -162,7 +186,6 @@ def render(
         "setup": cluster.setup,
         "container": cluster.container,
         "gpus_per_node": cluster.gpus_per_node,
-        "nodes": nodes,
         "nproc_per_node": workers // nodes,
         "join_timeout": JOIN_TIMEOUT_S,
     }

@@ -323,24 +323,17 @@ class JobSpec(Strict):
 
 
 def _elastic_problems(job: JobSpec) -> list[str]:
-    """An elastic worker count keeps one global batch at every size it may run at."""
-    resources, rows = job.resources, job.train.global_batch_size
-    if not resources.elastic:
+    """An elastic worker count keeps one global batch at every size it runs at (which sizes those
+    are depends on the launcher: it checks that the batch splits over each)."""
+    resources = job.resources
+    if not resources.elastic or job.train.global_batch_size is not None:
         return []
-    sizes = f"{{min: {resources.min_workers}, max: {resources.max_workers}}}"
-    if rows is None:
-        return [
-            f"resources.num_workers = {sizes} needs train.global_batch_size: the rows of one "
-            "optimizer step over all workers, kept at every world size (e.g. train.global_batch_size: "
-            f"{job.train.micro_batch_size * job.train.grad_accum_steps * resources.max_workers})"
-        ]
-    misfits = [w for w in range(resources.min_workers, resources.max_workers + 1) if rows % w]
-    if misfits:
-        return [
-            f"train.global_batch_size = {rows} does not split over {', '.join(map(str, misfits))} workers, "
-            f"which resources.num_workers = {sizes} allows (use a multiple of every size in the range)"
-        ]
-    return []
+    return [
+        f"resources.num_workers = {{min: {resources.min_workers}, max: {resources.max_workers}}} needs "
+        "train.global_batch_size: the rows of one optimizer step over all workers, kept at every world "
+        f"size (e.g. train.global_batch_size: "
+        f"{job.train.micro_batch_size * job.train.grad_accum_steps * resources.max_workers})"
+    ]
 
 
 def _strategy_problems(job: JobSpec) -> list[str]:

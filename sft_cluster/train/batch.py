@@ -75,6 +75,12 @@ def batch_split(job: JobSpec, world_size: int, first_world_size: int) -> BatchSp
     return BatchSplit(train.micro_batch_size, per_rank // train.micro_batch_size, world_size)
 
 
+def misfits(job: JobSpec, sizes: range) -> list[int]:
+    """The world sizes in ``sizes`` that ``train.global_batch_size`` does not split over."""
+    rows = job.train.global_batch_size or 0
+    return [size for size in sizes if rows % size]
+
+
 def with_split(job: JobSpec, split: BatchSplit) -> JobSpec:
     """``job`` as the workers train it: its micro batch and accumulation from ``split``."""
     train = job.train.model_copy(update={"micro_batch_size": split.micro, "grad_accum_steps": split.accum})

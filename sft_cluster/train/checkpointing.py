@@ -143,16 +143,23 @@ class CommitCallback(TrainerCallback):
         self.metadata = metadata or {}
         self.verify_fast = verify_fast
         self.pending: _Upload | None = None
+        self.commit_at_once = False  # the save in progress was asked for: commit before the next step
         self.stopped_for_preemption = False
         self.committed: list[int] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        # At the last step a stop request changes nothing: the run completes, with final/.
-        if collectives.any_true(signals.STOP_REQUESTED.is_set()) and state.global_step < state.max_steps:
+        # At the last step a request changes nothing: the run completes, with final/.
+        stop, save = collectives.reduce_numbers(
+            [float(signals.STOP_REQUESTED.is_set()), float(signals.SAVE_REQUESTED.is_set())], "max"
+        )
+        if stop and state.global_step < state.max_steps:
             # Every rank stops at the same step, after saving it.
             self.stopped_for_preemption = True
             control.should_save = True
             control.should_training_stop = True
+        elif save and state.global_step < state.max_steps:
+            signals.SAVE_REQUESTED.clear()
+            self.commit_at_once = control.should_save = True
         if self.pending is not None and collectives.all_true(self.pending.done):
             self._commit()
         return control
@@ -166,7 +173,8 @@ class CommitCallback(TrainerCallback):
         collectives.barrier()  # every rank's files are staged, and the old marker is gone
         files = files_of_rank(local, self.rank, self.world_size)
         self.pending = _Upload(self.store, local, files, state.global_step)
-        if not self.spec.async_upload:
+        if not self.spec.async_upload or self.commit_at_once:
+            self.commit_at_once = False
             self.finish()
 
     def on_train_end(self, args, state, control, **kwargs):

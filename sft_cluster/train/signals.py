@@ -13,6 +13,8 @@ import signal
 import threading
 
 STOP_REQUESTED = threading.Event()
+# A checkpoint wanted now, training going on: an elastic worker group is about to be resized.
+SAVE_REQUESTED = threading.Event()
 SIGNALS_ENV = "SFT_CLUSTER_PREEMPTION_SIGNALS"
 
 

@@ -121,3 +121,65 @@ def test_a_run_spans_two_nodes_survives_losing_one_and_ends_with_the_uninterrupt
     }
     assert losses.keys() == reference_losses.keys() == set(range(1, 61))
     assert max(abs(losses[s] - reference_losses[s]) for s in losses) <= 1e-6
+
+
+def _plan_history(s3: S3Server, bucket: str, prefix: str) -> list[tuple[int, int, int]]:
+    try:
+        plan = json.loads(_get(s3, bucket, f"{prefix}/plan.json"))
+    except Exception:  # noqa: BLE001 - not written yet
+        return []
+    return [(h["from"], h["to"], h["step"]) for h in plan.get("history", [])]
+
+
+def test_an_elastic_run_shrinks_on_a_lost_node_and_grows_back_without_losing_a_step(
+    cluster,
+    s3_server,  # noqa: F811
+    reference_run,
+    tmp_path,
+):
+    """resources.num_workers {min: 1, max: 2}: a node lost after the step-10 commit, the run goes
+    on with 1 worker (re-planned 2 -> 1 from that commit); a node added, Ray Train grows the group
+    back to 2, after the workers committed the step they were at (re-planned 1 -> 2 there)."""
+    bucket, prefix = s3_server.make_bucket(), "runs/elastic"
+    driver = _start_driver(
+        cluster,
+        tmp_path,
+        f"output_uri=s3://{bucket}/{prefix}",
+        f"storage.endpoint_url={s3_server.endpoint}",
+        "resources.num_workers={min: 1, max: 2}",
+        "resources.resize_interval_s=5",
+        "train.global_batch_size=8",
+    )
+    deadline = time.monotonic() + 400
+    while f"{prefix}/checkpoints/step-00000010/COMMITTED" not in s3_server.keys(
+        bucket, f"{prefix}/checkpoints/"
+    ):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no commit of step 10"
+        time.sleep(0.5)
+    cluster.kill_node(cluster.workers[-1])
+    while _plan_history(s3_server, bucket, prefix) != [(2, 1, 10)]:  # the group of one started
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline + 300, "no re-plan onto 1 worker"
+        time.sleep(0.5)
+    cluster.add_worker_node()
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output[-5000:]
+
+    history = _plan_history(s3_server, bucket, prefix)
+    assert len(history) == 2 and history[0] == (2, 1, 10) and history[1][:2] == (1, 2), history
+    grown_at = history[1][2]
+    summary = json.loads(_get(s3_server, bucket, f"{prefix}/summary.json"))
+    assert summary["status"] == "completed" and summary["steps"] == 60, summary
+    assert summary["resumed_from"] == [10, grown_at], summary
+    # The step the group grew at was committed at the resize, before the old group was stopped.
+    notice = output.index("the worker group is resized to 2: committing first")
+    assert notice < output.index(f"checkpoint step {grown_at} committed") < output.rindex("world size 2")
+    reports = [json.loads(_get(s3_server, bucket, f"{prefix}/workers/rank-{r:05d}.json")) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert len({r["ray_node_id"] for r in reports}) == 2
+    metrics = [json.loads(line) for line in _get(s3_server, bucket, f"{prefix}/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 61))
+    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[9]["loss"] == reference[9]["loss"]  # the same run up to the first commit
+    assert metrics[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=0.15)

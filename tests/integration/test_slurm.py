@@ -322,3 +322,39 @@ def test_rejected_submission_is_a_clear_error(slurm: SlurmHarness) -> None:
     result = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"output_uri={slurm.tmp}/bad"], slurm.env)
     assert result.returncode == 2
     assert "sbatch rejected" in result.stderr and "invalid partition" in result.stderr.lower()
+
+
+def test_an_elastic_job_requeued_onto_fewer_nodes_resumes_at_the_size_it_got(slurm: SlurmHarness) -> None:
+    """resources.num_workers {min: 1, max: 2}, one torchrun process a node: ``--nodes=1-2``. The job
+    starts on both fake nodes; after the step-10 commit node2 is drained and the job preempted, so
+    the requeued job gets node1 alone: it resumes on 1 worker, the data left re-planned 2 -> 1."""
+    out = slurm.tmp / "torchrun-elastic"
+    cluster = slurm.tmp / "torchrun-elastic.yaml"
+    cluster.write_text((REPO / TWO_NODES).read_text().replace("launcher: ray", "launcher: torchrun"))
+    job_id = slurm.sbatch(
+        *JOB, "storage.shared_filesystem=true", "resources.num_workers={min: 1, max: 2}",
+        "train.global_batch_size=8", "--cluster", str(cluster), f"output_uri={out}",
+    )  # fmt: skip
+    assert "#SBATCH --nodes=1-2" in (out / "slurm" / "job.sbatch").read_text()
+    slurm.wait(job_id, {"RUNNING"}, timeout=300)
+    deadline = time.monotonic() + 600
+    while not _committed(out, 10).exists():
+        assert time.monotonic() < deadline, "no checkpoint at step 10"
+        time.sleep(0.5)
+    drain = ["scontrol", "update", "NodeName=node2"]
+    subprocess.run([*drain, "State=DRAIN", "Reason=sft-cluster elastic test"], check=True, timeout=30)
+    try:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+        fields = slurm.wait(job_id, {"COMPLETED"}, timeout=900, release_requeued=True)
+    finally:
+        subprocess.run([*drain, "State=RESUME"], check=False, timeout=30)
+    assert fields.get("Restarts") == "1", fields
+    log = Path(fields["StdOut"]).read_text()
+    assert "torchrun on 2 node(s)" in log and "torchrun on 1 node(s)" in log
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["world_size"] == 1 and summary["nodes"] == ["node1"]
+    plan = json.loads((out / "plan.json").read_text())
+    [replanned] = plan["history"]
+    assert (replanned["from"], replanned["to"]) == (2, 1) and replanned["step"] == summary["resumed_from"][0]
+    assert "on 1 workers (the checkpoint was written by 2)" in log

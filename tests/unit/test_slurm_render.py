@@ -142,9 +142,28 @@ def test_cluster_fields_become_sbatch_lines(plan) -> None:
 def test_torchrun_line(plan) -> None:
     script = plan("torchrun-apptainer").script
     assert '-m sft_cluster.driver "$JOB_YAML" --executor=torchrun' in script
-    assert "--nnodes=2 --nproc-per-node=8" in script
+    assert "#SBATCH --nodes=2\n" in script
+    # The allocation's own node count: a requeue on fewer nodes (an elastic job) runs on what it got.
+    assert '--nnodes="${#nodes[@]}" --nproc-per-node=8' in script
     assert '--rdzv-endpoint="$rdzv_endpoint"' in script
     assert "container_exec=(apptainer exec --pwd /home/me/sft /shared/sft.sif)" in script
+
+
+def test_an_elastic_job_asks_slurm_for_a_range_of_nodes() -> None:
+    """resources.num_workers {min: 8, max: 24} at 8 GPUs a node: 1 to 3 nodes, 8 processes each."""
+    cluster = _cluster(**{**H100, "launcher": "torchrun"})
+    job = _job(
+        "resources.num_workers={min: 8, max: 24}", "resources.gpus_per_worker=1", "train.global_batch_size=48"
+    )
+    script = SlurmBackend(cluster, "c.yaml").plan(job).script
+    assert "#SBATCH --nodes=1-3\n" in script and "--nproc-per-node=8" in script
+    uneven = _job(
+        "resources.num_workers={min: 4, max: 16}",
+        "resources.gpus_per_worker=1",
+        "train.global_batch_size=240",
+    )
+    with pytest.raises(LaunchError, match="an elastic run's min must be a multiple of it: 8"):
+        SlurmBackend(cluster, "c.yaml").plan(uneven)
 
 
 def _hostile_render(tmp_path: Path, monkeypatch) -> str:
