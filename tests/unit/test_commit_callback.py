@@ -67,6 +67,26 @@ def test_a_stop_request_during_the_last_step_lets_the_run_complete(tmp_path, ste
     assert control.should_training_stop is stops and control.should_save is stops
 
 
+def test_a_save_request_commits_the_step_at_once_and_training_goes_on(tmp_path):
+    """What an elastic group asks before Ray Train resizes it: this step saved and committed
+    before the next one (even with async uploads), training not stopped, the request spent."""
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    callback = CommitCallback(store, CheckpointSpec(async_upload=True), rank=0, world_size=1)
+    signals.SAVE_REQUESTED.set()
+    try:
+        control = callback.on_step_end(None, TrainerState(global_step=7, max_steps=20), TrainerControl())
+    finally:
+        requested_after = signals.SAVE_REQUESTED.is_set()
+        signals.SAVE_REQUESTED.clear()
+    assert control.should_save and not control.should_training_stop and not requested_after
+    _stage(tmp_path / "trainer" / "checkpoint-7", b"weights" * 10)
+    callback.on_save(
+        SimpleNamespace(output_dir=str(tmp_path / "trainer")), TrainerState(global_step=7), control
+    )
+    assert callback.pending is None and store.is_committed(7) and callback.committed == [7]
+    assert not callback.stopped_for_preemption
+
+
 class _Counter:
     """A Stateful whose whole state is one number."""
 
