@@ -31,7 +31,13 @@ from sft_cluster.driver.resize import read_plan, resume_plan, save_plan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
 from sft_cluster.train.batch import BatchSplit, batch_split, global_batch
-from sft_cluster.train.settings import SPLIT_KEYS, TEMPLATE_KEY, cursor_settings, template_fingerprint
+from sft_cluster.train.settings import (
+    GLOBAL_BATCH_KEY,
+    SPLIT_KEYS,
+    TEMPLATE_KEY,
+    cursor_settings,
+    template_fingerprint,
+)
 from sft_cluster.train.steps import planned_steps, target_text
 
 
@@ -101,6 +107,19 @@ def _settings_problems(job: JobSpec, saved: dict[str, Any], step: int) -> list[s
                 f"the tokenizer's chat template changed since step {step} was saved (fingerprint {old}, "
                 f"now {now[key]}): the saved data cursors count samples tokenized with the old one "
                 "(restore the template or model.tokenizer it had)"
+            )
+        elif key == GLOBAL_BATCH_KEY:
+            train = job.train
+            how = (
+                f"train.global_batch_size {train.global_batch_size}"
+                if train.global_batch_size
+                else f"train.micro_batch_size {train.micro_batch_size} x train.grad_accum_steps "
+                f"{train.grad_accum_steps} x {first_world} workers"
+            )
+            problems.append(
+                f"the global batch is now {now[key]} rows ({how}), but the checkpoints up to step {step} "
+                f"were trained with {old}: the step count, the learning-rate schedule and the data cursors "
+                f"count in those (set train.global_batch_size={old} to continue, with any micro batch)"
             )
         else:
             problems.append(

@@ -113,7 +113,11 @@ def test_resume_at_the_last_step_without_final_trains_nothing_and_saves_final(en
             "data.max_seq_len = 128, but the checkpoints up to step 20 were written with "
             "data.max_seq_len = 256",
         ),
-        ("train.micro_batch_size=2", "train.micro_batch_size = 2, but the checkpoints up to step 20"),
+        (
+            "train.micro_batch_size=2",
+            "the global batch is now 4 rows (train.micro_batch_size 2 x train.grad_accum_steps 1 x 2 "
+            "workers), but the checkpoints up to step 20 were trained with 8",
+        ),
         ("data.packing=false", "data.packing = False, but the checkpoints up to step 20"),
     ],
 )
