@@ -95,8 +95,11 @@ def node_range(job: JobSpec, cluster: SlurmCluster) -> tuple[int, int]:
 def sbatch_options(job: JobSpec, cluster: SlurmCluster, log_path: str, workdir: str) -> list[str]:
     """The ``#SBATCH`` lines, each ``--option=value`` (unquoted; the template quotes)."""
     fewest, nodes = node_range(job, cluster)
-    span = f"{fewest}-{nodes}" if fewest < nodes else str(nodes)
-    options = [f"--job-name={job.name}", f"--nodes={span}", "--ntasks-per-node=1"]
+    options = [f"--job-name={job.name}", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if fewest < nodes:
+        # A task count (from --ntasks-per-node) would be met by the fewest nodes, and Slurm would give
+        # no more: the range alone gets as many nodes as are free. Each srun says its own tasks.
+        options[1:] = [f"--nodes={fewest}-{nodes}"]
     for field, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos")):
         value = getattr(cluster, field)
         if value:

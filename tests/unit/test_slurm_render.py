@@ -157,6 +157,7 @@ def test_an_elastic_job_asks_slurm_for_a_range_of_nodes() -> None:
     )
     script = SlurmBackend(cluster, "c.yaml").plan(job).script
     assert "#SBATCH --nodes=1-3\n" in script and "--nproc-per-node=8" in script
+    assert "#SBATCH --ntasks-per-node" not in script  # a task count would hold Slurm to the fewest nodes
     uneven = _job(
         "resources.num_workers={min: 4, max: 16}",
         "resources.gpus_per_worker=1",
