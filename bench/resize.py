@@ -1,6 +1,6 @@
 """Final loss of a run resumed on another world size, against the same run uninterrupted.
 
-    .venv/bin/python bench/resize.py [--steps 40] [--strategies ddp fsdp2 zero3]
+    .venv/bin/python bench/resize.py [--steps 40] [--strategies ddp fsdp2 zero3 zero2 lora-ddp lora-zero3]
 
 For each strategy: the smoke job on 2 CPU workers (torchrun through the driver,
 gloo), constant learning rate, global batch 8 (``train.global_batch_size``),
@@ -26,6 +26,9 @@ STRATEGIES = {
     "ddp": ["strategy.kind=ddp"],
     "fsdp2": ["strategy.kind=fsdp", "strategy.fsdp.version=2"],
     "zero3": ["strategy.kind=deepspeed", "strategy.deepspeed.stage=3"],
+    "zero2": ["strategy.kind=deepspeed", "strategy.deepspeed.stage=2"],
+    "lora-ddp": ["strategy.kind=ddp", "strategy.lora={merge: true}"],
+    "lora-zero3": ["strategy.kind=deepspeed", "strategy.deepspeed.stage=3", "strategy.lora={merge: true}"],
 }
 
 
@@ -51,7 +54,9 @@ def losses(run: Path) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument(
+        "--strategies", nargs="+", default=["ddp", "fsdp2", "zero3"], choices=list(STRATEGIES)
+    )
     args = parser.parse_args()
     half = args.steps // 2
     common = [
