@@ -29,11 +29,13 @@ from sft_cluster.train.settings import DATA_CURSOR
 __all__ = ["read_plan", "resume_plan", "save_plan", "workers_job"]
 
 
-def read_plan(run: RunDir, plan_id: str | None = None) -> ShardPlan:
-    """``plan.json``, or the run's plan named ``plan_id`` (DataError when it is not kept)."""
-    current = ShardPlan.from_json(storage.read_text(run.plan, run.options))
-    if plan_id is None or current.id == plan_id:
-        return current
+def read_plan(run: RunDir) -> ShardPlan:
+    """``plan.json``: the run's current plan."""
+    return ShardPlan.from_json(storage.read_text(run.plan, run.options))
+
+
+def _kept_plan(run: RunDir, plan_id: str) -> ShardPlan:
+    """The run's plan named ``plan_id`` (DataError when it is not kept)."""
     uri = run.plan_by_id(plan_id)
     if not storage.exists(uri, run.options):
         raise DataError(f"the newest commit's data cursors are for plan {plan_id}, which {uri} does not hold")
@@ -82,7 +84,12 @@ def resume_plan(
 ) -> tuple[ShardPlan, BatchSplit]:
     """The plan and split this resume trains with: the newest commit's, or re-planned from it."""
     found = _commit_cursors(run)
-    plan = read_plan(run, found[2][0]["plan"] if found else None)
+    current = read_plan(run)
+    plan = (
+        current
+        if found is None or found[2][0]["plan"] == current.id
+        else _kept_plan(run, found[2][0]["plan"])
+    )
     if found is None:  # nothing trained yet that counts: plan afresh for this size
         if plan.world_size != world_size:
             notify(
@@ -94,7 +101,7 @@ def resume_plan(
     split = batch_split(job, world_size, plan.first_world_size)
     step, metadata, cursors = found
     if _saved_split(metadata) == (split.micro, split.accum, world_size):
-        if plan.id != ShardPlan.from_json(storage.read_text(run.plan, run.options)).id:
+        if plan.id != current.id:
             save_plan(run, plan)  # a re-plan that never committed is dropped
         return plan, split
     new = replan(plan, cursors, job.data, world_size, step)

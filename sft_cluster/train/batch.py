@@ -29,10 +29,6 @@ class BatchSplit:
         """Rows per optimizer step over all workers."""
         return self.micro * self.accum * self.world_size
 
-    @property
-    def rows_per_rank(self) -> int:
-        return self.micro * self.accum
-
     def describe(self) -> str:
         parts = f"micro batch {self.micro} x accumulation {self.accum} x {self.world_size} workers"
         return f"{self.rows} rows = {parts}"
