@@ -182,4 +182,6 @@ def test_an_elastic_run_shrinks_on_a_lost_node_and_grows_back_without_losing_a_s
     assert [m["step"] for m in metrics] == list(range(1, 61))
     reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[9]["loss"] == reference[9]["loss"]  # the same run up to the first commit
-    assert metrics[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=0.15)
+    # The last steps' mean: which rows a single step trains depends on the step the group grew at.
+    tail, reference_tail = [m["loss"] for m in metrics[-10:]], [m["loss"] for m in reference[-10:]]
+    assert sum(tail) / 10 == pytest.approx(sum(reference_tail) / 10, rel=0.15)
