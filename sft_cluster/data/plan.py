@@ -22,22 +22,22 @@ of ``history``, so any later plan still knows what was consumed.
 from __future__ import annotations
 
 import hashlib
-import heapq
-import json
-import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from sft_cluster.data.records import DataError, ObjectInfo, format_of, list_objects
 from sft_cluster.spec import DataSpec, StorageSpec
 
 DEFAULT_CHUNK_BYTES = 32 << 20
-_PLAN_VERSION = 1
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DealtUnits",
     "ShardPlan",
     "Piece",
     "SourcePlan",
@@ -56,8 +56,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
 
-@dataclass(frozen=True)
-class Unit:
+class Unit(NamedTuple):
     """A piece of one object that a rank reads whole (see the module docstring).
 
     ``end`` is None for a whole-object unit, else [start, end) is a byte range.
@@ -74,10 +73,41 @@ class Unit:
         """Names the unit in seeds: records are shuffled per (seed, epoch, key)."""
         return f"{self.file}:{self.start}-{self.end}:{self.offset}/{self.stride}"
 
-    def nbytes(self, objects: list[ObjectInfo]) -> float:
+    def nbytes(self, objects: Sequence[ObjectInfo] | Mapping[int, ObjectInfo]) -> float:
         """This rank's share of the bytes, for balancing."""
         end = objects[self.file].size if self.end is None else self.end
         return (end - self.start) / self.stride
+
+
+class DealtUnits(Sequence[list[Unit]]):
+    """Each rank's units, held as one table of (file, start, end, stride, offset) rows, rank after rank.
+
+    A million ``Unit`` objects would cost seconds and a hundred MB in the driver;
+    a rank's list is built when asked for. ``end`` is -1 in the table for a whole object.
+    """
+
+    def __init__(self, table: np.ndarray, bounds: np.ndarray):
+        self.table, self.bounds = table, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, rank: int) -> list[Unit]:  # type: ignore[override]
+        if not 0 <= rank < len(self):
+            raise IndexError(rank)
+        return [Unit(f, s, None if e < 0 else e, k, o) for f, s, e, k, o in self.rows(rank)]
+
+    def __iter__(self) -> Iterator[list[Unit]]:
+        return (self[rank] for rank in range(len(self)))
+
+    def rows(self, rank: int) -> list[list[int]]:
+        """``rank``'s rows as plain lists (end -1: a whole object)."""
+        return self.table[self.bounds[rank] : self.bounds[rank + 1]].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -99,7 +129,7 @@ class Piece:
         return records
 
     def to_json(self) -> list[Any]:
-        return [list(asdict(self.unit).values()), [[skip, list(taken)] for skip, taken in self.cuts]]
+        return [list(self.unit), [[skip, list(taken)] for skip, taken in self.cuts]]
 
     @classmethod
     def from_json(cls, raw: list[Any]) -> Piece:
@@ -112,13 +142,15 @@ class SourcePlan:
 
     After a re-plan, epochs ``owed_from`` to ``fresh - 1`` are what the old
     ranks left of them: ``owed[rank][epoch - owed_from]``; epochs from
-    ``fresh`` on are dealt from ``ranks``.
+    ``fresh`` on are dealt from ``ranks``. A rank's own view of a plan
+    (``plan_files.decode`` with a rank) holds only that rank's entries, keyed by
+    rank, and the objects they name, keyed by index.
     """
 
     uri: str
-    objects: list[ObjectInfo]
-    ranks: list[list[Unit]]
-    owed: list[list[list[Piece]]] = field(default_factory=list)
+    objects: Sequence[ObjectInfo] | Mapping[int, ObjectInfo]
+    ranks: Sequence[list[Unit]] | Mapping[int, list[Unit]]
+    owed: Sequence[list[list[Piece]]] | Mapping[int, list[list[Piece]]] = field(default_factory=list)
     owed_from: int = 0
     fresh: int = 0
 
@@ -134,11 +166,19 @@ class ShardPlan:
     fingerprint: str  # of the listing only: the same objects give the same fingerprint
     # One entry per re-plan that led here: {"plan": the old id, "from": N, "to": M, "step": S}.
     history: list[dict[str, Any]] = field(default_factory=list)
+    saved_id: str | None = field(default=None, compare=False, repr=False)  # the id it was saved under
 
     @cached_property
+    def encoded(self) -> Any:
+        """The stored form (``plan_files.EncodedPlan``), made once."""
+        from sft_cluster.data.plan_files import encode  # the stored form builds on this module
+
+        return encode(self)
+
+    @property
     def id(self) -> str:
         """Names this exact plan (listing, seed, world size, units): a cursor is only valid for it."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return self.saved_id or self.encoded.id
 
     @property
     def origin(self) -> str:
@@ -171,58 +211,14 @@ class ShardPlan:
         return units
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": _PLAN_VERSION,
-                "seed": self.seed,
-                "world_size": self.world_size,
-                "chunk_bytes": self.chunk_bytes,
-                "fingerprint": self.fingerprint,
-                "sources": [_source_json(source) for source in self.sources],
-                # Only when re-planned, so the ids of plans that never were stay what they were.
-                **({"history": self.history} if self.history else {}),
-            },
-            separators=(",", ":"),
-        )
+        """The whole plan as one text (a header line, then every rank's section)."""
+        return f"{self.encoded.header}\n{self.encoded.body.decode()}"
 
     @classmethod
     def from_json(cls, text: str) -> ShardPlan:
-        raw = json.loads(text)
-        if raw.get("version") != _PLAN_VERSION:
-            raise DataError(
-                f"data plan version {raw.get('version')!r} is not {_PLAN_VERSION}; re-plan the run"
-            )
-        sources = [
-            SourcePlan(
-                source["uri"],
-                [ObjectInfo(*o) for o in source["objects"]],
-                [[Unit(*u) for u in units] for units in source["ranks"]],
-                [[[Piece.from_json(p) for p in epoch] for epoch in owed] for owed in source.get("owed", [])],
-                source.get("owed_from", 0),
-                source.get("fresh", 0),
-            )
-            for source in raw["sources"]
-        ]
-        return cls(
-            raw["seed"],
-            raw["world_size"],
-            raw["chunk_bytes"],
-            sources,
-            raw["fingerprint"],
-            raw.get("history", []),
-        )
+        from sft_cluster.data.plan_files import decode_text
 
-
-def _source_json(source: SourcePlan) -> dict[str, Any]:
-    text: dict[str, Any] = {
-        "uri": source.uri,
-        "objects": [[o.uri, o.size, o.version] for o in source.objects],
-        "ranks": [[list(asdict(u).values()) for u in units] for units in source.ranks],
-    }
-    if source.owed or source.fresh:
-        text["owed"] = [[[p.to_json() for p in epoch] for epoch in owed] for owed in source.owed]
-        text.update(owed_from=source.owed_from, fresh=source.fresh)
-    return text
+        return decode_text(text)
 
 
 def list_sources(data: DataSpec, store: StorageSpec) -> list[list[ObjectInfo]]:
@@ -231,52 +227,75 @@ def list_sources(data: DataSpec, store: StorageSpec) -> list[list[ObjectInfo]]:
 
 
 def _fingerprint(listing: list[list[ObjectInfo]]) -> str:
-    text = json.dumps([[[o.uri, o.size, o.version] for o in objects] for objects in listing])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.blake2b(digest_size=8)
+    for index, objects in enumerate(listing):
+        digest.update(f"source {index}\n".encode())
+        for at in range(0, len(objects), 10_000):  # joined in slices: no second copy of the listing
+            rows = (f"{o.uri}\x1f{o.size}\x1f{o.version}\n" for o in objects[at : at + 10_000])
+            digest.update("".join(rows).encode())
+    return digest.hexdigest()
 
 
-def _units(objects: list[ObjectInfo], declared: str | None, chunk_bytes: int) -> list[Unit]:
-    units = []
-    for index, obj in enumerate(objects):
-        if obj.size == 0:
-            continue
-        fmt, compression = format_of(obj.uri, declared)
-        if fmt != "jsonl" or compression:
-            units.append(Unit(index))
-            continue
-        pieces = math.ceil(obj.size / chunk_bytes)
-        bounds = [obj.size * k // pieces for k in range(pieces + 1)]
-        units.extend(Unit(index, bounds[k], bounds[k + 1]) for k in range(pieces))
-    return units
+def _ranged(uri: str, declared: str | None, known: dict[str, bool]) -> bool:
+    """Whether an object is cut into byte ranges (uncompressed JSONL), by its suffixes."""
+    suffix = ".".join(uri.rsplit("/", 1)[-1].lower().rsplit(".", 2)[1:])
+    if suffix not in known:
+        fmt, compression = format_of(uri, declared)
+        known[suffix] = fmt == "jsonl" and compression is None
+    return known[suffix]
 
 
-def _deal(units: list[Unit], objects: list[ObjectInfo], world_size: int) -> list[list[Unit]]:
-    """Units per rank, balanced by bytes; each rank's list keeps the (shuffled) order of ``units``."""
-    sizes = [u.nbytes(objects) for u in units]
-    if len(units) < world_size:
+def _units(objects: Sequence[ObjectInfo], declared: str | None, chunk_bytes: int) -> np.ndarray:
+    """Every unit of a source, in listing order, as table rows (see ``DealtUnits``)."""
+    count, known = len(objects), {}
+    sizes = np.fromiter((o.size for o in objects), np.int64, count)
+    ranged = np.fromiter((_ranged(o.uri, declared, known) for o in objects), bool, count)
+    pieces = np.where(ranged, -(-sizes // chunk_bytes), 1) * (sizes > 0)
+    file = np.repeat(np.arange(count, dtype=np.int64), pieces)
+    k = np.arange(len(file), dtype=np.int64) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    size, parts, cut = sizes[file], pieces[file], ranged[file]
+    start = np.where(cut, size * k // np.maximum(parts, 1), 0)
+    end = np.where(cut, size * (k + 1) // np.maximum(parts, 1), -1)
+    return np.stack([file, start, end, np.ones_like(file), np.zeros_like(file)], axis=1)
+
+
+def _deal(table: np.ndarray, sizes: np.ndarray, world_size: int) -> DealtUnits:
+    """Units per rank, balanced by bytes; each rank's rows keep the (shuffled) order of ``table``."""
+    nbytes = (np.where(table[:, 2] < 0, sizes[table[:, 0]], table[:, 2]) - table[:, 1]).astype(float)
+    if len(table) < world_size:
         # Give the spare ranks to the units with the most bytes per reader, then split by stride.
-        readers = [1] * len(units)
-        for _ in range(world_size - len(units)):
-            biggest = max(range(len(units)), key=lambda i: sizes[i] / readers[i])
+        readers = [1] * len(table)
+        for _ in range(world_size - len(table)):
+            biggest = max(range(len(table)), key=lambda i: nbytes[i] / readers[i])
             readers[biggest] += 1
-        return [
-            [replace(unit, stride=k, offset=j)]
-            for unit, k in zip(units, readers, strict=True)
-            for j in range(k)
-        ]
-    return [[units[i] for i in indexes] for indexes in balance(sizes, world_size)]
+        rows = [[*row[:3], k, j] for row, k in zip(table.tolist(), readers, strict=True) for j in range(k)]
+        return DealtUnits(np.array(rows, dtype=np.int64), np.arange(world_size + 1))
+    owner = _owners(nbytes, world_size)
+    order = np.argsort(owner, kind="stable")
+    return DealtUnits(table[order], np.searchsorted(owner[order], np.arange(world_size + 1)))
+
+
+def _owners(sizes: np.ndarray, world_size: int) -> np.ndarray:
+    """The rank of each size: largest first, a round of ``world_size`` at a time, the largest of a
+    round to the least-loaded rank (LPT by rounds: within one size of the optimum, vectorised)."""
+    owner = np.empty(len(sizes), dtype=np.int64)
+    loads, ranks = np.zeros(world_size), np.arange(world_size)
+    order = np.argsort(-sizes, kind="stable")
+    for at in range(0, len(order), world_size):
+        chunk = order[at : at + world_size]
+        chosen = np.lexsort((ranks, loads))[: len(chunk)]
+        owner[chunk] = chosen
+        loads[chosen] += sizes[chunk]
+    return owner
 
 
 def balance(sizes: list[float], world_size: int) -> list[list[int]]:
-    """Indexes of ``sizes`` per rank: largest first to the least-loaded rank (LPT), each rank's
-    indexes ascending (so its list keeps the order given); ties keep that order too."""
-    loads = [(0.0, rank) for rank in range(world_size)]
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        load, rank = heapq.heappop(loads)
-        owned[rank].append(index)
-        heapq.heappush(loads, (load + sizes[index], rank))
-    return [sorted(indexes) for indexes in owned]
+    """Indexes of ``sizes`` per rank, balanced (``_owners``), each rank's indexes ascending (so its
+    list keeps the order given)."""
+    owner = _owners(np.asarray(sizes, dtype=float), world_size)
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(world_size + 1))
+    return [order[bounds[r] : bounds[r + 1]].tolist() for r in range(world_size)]
 
 
 def make_plan(
@@ -293,11 +312,12 @@ def make_plan(
         raise ValueError(f"{len(listing)} listings for {len(data.sources)} sources")
     sources = []
     for index, (source, objects) in enumerate(zip(data.sources, listing, strict=True)):
-        units = _units(objects, source.format, chunk_bytes)
-        if not units:
+        table = _units(objects, source.format, chunk_bytes)
+        if not len(table):
             raise DataError(f"data.sources[{index}].uri = {source.uri!r}: matches no non-empty file")
-        random.Random(derive_seed(seed, "units", index)).shuffle(units)
-        sources.append(SourcePlan(source.uri, list(objects), _deal(units, objects, world_size)))
+        table = table[np.random.default_rng(derive_seed(seed, "units", index)).permutation(len(table))]
+        sizes = np.fromiter((o.size for o in objects), np.int64, len(objects))
+        sources.append(SourcePlan(source.uri, list(objects), _deal(table, sizes, world_size)))
     return ShardPlan(seed, world_size, chunk_bytes, sources, _fingerprint(listing))
 
 

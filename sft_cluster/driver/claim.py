@@ -27,7 +27,7 @@ from typing import Any
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
 from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes
-from sft_cluster.driver.resize import read_plan, resume_plan, save_plan
+from sft_cluster.driver.resize import read_plan, resume_plan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
 from sft_cluster.train.batch import BatchSplit, batch_split, global_batch
@@ -96,7 +96,7 @@ def _settings_problems(job: JobSpec, saved: dict[str, Any], step: int) -> list[s
     if fingerprint:
         fingerprint = template_fingerprint(load_chat(job).template)
     run = run_dir_of(job)
-    first_world = read_plan(run).first_world_size if storage.exists(run.plan, run.options) else 1
+    first_world = read_plan(run, body=False).first_world_size if storage.exists(run.plan, run.options) else 1
     now = cursor_settings(job, fingerprint, global_batch(job, first_world))
     problems = []
     for key, old in saved.items():
@@ -214,7 +214,7 @@ def ensure_plan(
     another world size; warning if the listing changed), else a new one."""
     run = run_dir_of(job)
     if resuming and storage.exists(run.plan, run.options):
-        problems = _fits(read_plan(run), job)
+        problems = _fits(read_plan(run, body=False), job)
         if problems:
             raise DataError(
                 "this run has committed checkpoints whose data cursors belong to its saved data plan "
@@ -226,7 +226,7 @@ def ensure_plan(
         return plan, split
     split = batch_split(job, world_size, world_size)  # refused before anything is written
     plan = build_plan(job.data, job.storage, world_size, job.train.seed)
-    save_plan(run, plan)
+    run.save_plan(plan)
     return plan, split
 
 

@@ -26,12 +26,12 @@ from sft_cluster.tracking import RunDir, run_dir_of
 from sft_cluster.train.batch import BatchSplit, batch_split, with_split
 from sft_cluster.train.settings import DATA_CURSOR
 
-__all__ = ["read_plan", "resume_plan", "save_plan", "workers_job"]
+__all__ = ["read_plan", "resume_plan", "workers_job"]
 
 
-def read_plan(run: RunDir) -> ShardPlan:
-    """``plan.json``: the run's current plan."""
-    return ShardPlan.from_json(storage.read_text(run.plan, run.options))
+def read_plan(run: RunDir, body: bool = True) -> ShardPlan:
+    """``plan.json``: the run's current plan (``body=False``: its header alone: seed, sources, history)."""
+    return run.load_plan(body=body)
 
 
 def _kept_plan(run: RunDir, plan_id: str) -> ShardPlan:
@@ -39,19 +39,12 @@ def _kept_plan(run: RunDir, plan_id: str) -> ShardPlan:
     uri = run.plan_by_id(plan_id)
     if not storage.exists(uri, run.options):
         raise DataError(f"the newest commit's data cursors are for plan {plan_id}, which {uri} does not hold")
-    return ShardPlan.from_json(storage.read_text(uri, run.options))
-
-
-def save_plan(run: RunDir, plan: ShardPlan) -> None:
-    """``plan.json`` and its copy by id (what a later resume finds from a commit's cursors)."""
-    text = plan.to_json()
-    storage.write_text(run.plan_by_id(plan.id), text, run.options)
-    storage.write_text(run.plan, text, run.options)
+    return run.load_plan(storage.read_text(uri, run.options))
 
 
 def workers_job(job: JobSpec, world_size: int) -> JobSpec:
     """The job as the workers of a prepared run train it, for a node that did not prepare it."""
-    plan = read_plan(run_dir_of(job))
+    plan = read_plan(run_dir_of(job), body=False)
     return with_split(job, batch_split(job, world_size, plan.first_world_size))
 
 
@@ -96,16 +89,16 @@ def resume_plan(
                 f"starting on {world_size} workers (planned for {plan.world_size}): planning the data again"
             )
             plan = build_plan(job.data, job.storage, world_size, job.train.seed)
-            save_plan(run, plan)
+            run.save_plan(plan)
         return plan, batch_split(job, world_size, plan.first_world_size)
     split = batch_split(job, world_size, plan.first_world_size)
     step, metadata, cursors = found
     if _saved_split(metadata) == (split.micro, split.accum, world_size):
         if plan.id != current.id:
-            save_plan(run, plan)  # a re-plan that never committed is dropped
+            run.save_plan(plan)  # a re-plan that never committed is dropped
         return plan, split
     new = replan(plan, cursors, job.data, world_size, step)
-    save_plan(run, new)
+    run.save_plan(new)
     micro, accum, old_world = _saved_split(metadata)
     notify(
         f"resuming at step {step} on {world_size} workers (the checkpoint was written by {old_world}): "

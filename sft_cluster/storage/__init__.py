@@ -92,8 +92,19 @@ def read_text(uri: str, options: dict[str, Any] | None = None) -> str:
         return handle.read()
 
 
+def read_range(uri: str, start: int, end: int, options: dict[str, Any] | None = None) -> bytes:
+    """Bytes [start, end) of an object: one ranged read, retried like any other request."""
+    fs, path = filesystem(uri, options)
+    return retrying(fs.cat_file, path, start=start, end=end, what=f"reading {uri}")
+
+
 def write_text(uri: str, text: str, options: dict[str, Any] | None = None) -> None:
-    """Write ``text`` so a reader sees the old content or the new, never a part.
+    """Write ``text`` so a reader sees the old content or the new, never a part (``write_bytes``)."""
+    write_bytes(uri, text.encode("utf-8"), options)
+
+
+def write_bytes(uri: str, data: bytes, options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` so a reader sees the old content or the new, never a part.
 
     Local files go through a temporary file and ``os.replace``; an object store
     PUT is atomic by itself.
@@ -103,8 +114,8 @@ def write_text(uri: str, text: str, options: dict[str, Any] | None = None) -> No
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -115,8 +126,8 @@ def write_text(uri: str, text: str, options: dict[str, Any] | None = None) -> No
     fs, path = filesystem(uri, options)
 
     def put() -> None:
-        with fs.open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
 
     retrying(put, what=f"writing {uri}")
 

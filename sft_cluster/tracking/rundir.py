@@ -4,7 +4,8 @@ Layout under ``output_uri``::
 
     job.yaml         the resolved job, overrides applied (what ``sft-cluster resume`` reads)
     run.json         the run that owns the directory, and what its data cursors depend on
-    plan.json        the data plan every restart and resume reads
+    plan.json        the data plan every restart and resume reads (its header: sft_cluster.data.plan_files)
+    plans/           every plan the run used, by id: <id>.json (header) and <id>.body (a section per rank)
     epochs.json      train.epochs: the rows of one epoch per rank, counted once for the plan
     strategy.json    the generated accelerate/DeepSpeed settings, for the record
     control/stop     a stop request (``sft-cluster stop``) the driver polls
@@ -28,6 +29,8 @@ from typing import Any
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
+from sft_cluster.data.plan import ShardPlan
+from sft_cluster.data.plan_files import decode
 from sft_cluster.spec import JobSpec
 
 # Set by a launcher whose restarts rerun the whole program (a requeued Slurm job, a Ray Job's
@@ -70,6 +73,26 @@ class RunDir:
     def plan_by_id(self, plan_id: str) -> str:
         """Every plan the run used, by id: a commit's cursors name theirs, which a re-plan replaced."""
         return storage.join(self.uri, "plans", f"{plan_id}.json")
+
+    def plan_body(self, plan_id: str) -> str:
+        """The sections of plan ``plan_id`` (one per rank), which its header indexes."""
+        return storage.join(self.uri, "plans", f"{plan_id}.body")
+
+    def save_plan(self, plan: ShardPlan) -> None:
+        """The body, its header by id, then ``plan.json``: no header is found without its body."""
+        encoded = plan.encoded
+        storage.write_bytes(self.plan_body(encoded.id), encoded.body, self.options)
+        storage.write_text(self.plan_by_id(encoded.id), encoded.header, self.options)
+        storage.write_text(self.plan, encoded.header, self.options)
+
+    def load_plan(self, header: str | None = None, rank: int | None = None, body: bool = True) -> ShardPlan:
+        """The plan ``header`` (default: ``plan.json``'s) names: whole, ``rank``'s own view (a
+        ranged read of its section), or with ``body=False`` the header alone."""
+        text = storage.read_text(self.plan, self.options) if header is None else header
+        plan_id = json.loads(text).get("id", "")
+        uri = self.plan_body(plan_id)
+        read = (lambda start, end: storage.read_range(uri, start, end, self.options)) if body else None
+        return decode(text, read, rank)
 
     @property
     def epoch_count(self) -> str:

@@ -1,7 +1,8 @@
 """The data plans a rank trains and evaluates on: made or read once, on rank 0, for every rank.
 
-The training plan was written by the driver when it prepared the run (``plan.json``, before any
-worker started); the worker only reads it. ``data.eval`` sources are planned at the first evaluation.
+The training plan was written by the driver when it prepared the run (``plan.json`` and its
+sections, before any worker started); a worker reads only the header and its own section.
+``data.eval`` sources are planned at the first evaluation.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from sft_cluster.tracking import run_dir_of
 from sft_cluster.train import collectives
 
 
-def plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
-    """Rank 0 makes (or reads) the plan, once for the world; every rank gets the same one.
+def text_from_rank0(rank: int, make: Callable[[], str]) -> str:
+    """Rank 0 makes (or reads) a text, once for the world; every rank gets the same one.
 
-    When rank 0 fails, every rank raises (a DataError as a DataError), so none waits for a plan.
+    When rank 0 fails, every rank raises (a DataError as a DataError), so none waits for it.
     """
     outcome: tuple[str, str] | None = None
     failure: Exception | None = None
     if rank == 0:
         try:
-            outcome = ("plan", make().to_json())
+            outcome = ("text", make())
         except Exception as exc:  # every rank must hear of it, or the others wait forever
             failure = exc
             outcome = ("data" if isinstance(exc, DataError) else "error", str(exc))
@@ -36,14 +37,19 @@ def plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
         raise DataError(text)
     if kind == "error":
         raise RuntimeError(f"rank 0 could not make the data plan: {text}")
-    return ShardPlan.from_json(text)
+    return text
 
 
-def _read_prepared(job: JobSpec) -> ShardPlan:
+def plan_from_rank0(rank: int, make: Callable[[], ShardPlan]) -> ShardPlan:
+    """A whole plan made (or read) by rank 0, for every rank: small ones only (evaluation)."""
+    return ShardPlan.from_json(text_from_rank0(rank, lambda: make().to_json()))
+
+
+def _read_header(job: JobSpec) -> str:
     run = run_dir_of(job)
     try:
-        return ShardPlan.from_json(storage.read_text(run.plan, run.options))
-    except Exception as exc:  # missing, unreadable or not a plan: the same answer
+        return storage.read_text(run.plan, run.options)
+    except Exception as exc:  # missing or unreadable: the same answer
         raise DataError(
             f"the run was not prepared by the driver: its data plan {run.plan} cannot be read "
             f"({type(exc).__name__}: {exc}); start it with sft-cluster (run, a Ray job or a Slurm "
@@ -52,8 +58,21 @@ def _read_prepared(job: JobSpec) -> ShardPlan:
 
 
 def prepared_plan(job: JobSpec, rank: int) -> ShardPlan:
-    """The run's training plan, as the driver wrote it; a DataError on every rank when it cannot be read."""
-    return plan_from_rank0(rank, lambda: _read_prepared(job))
+    """This rank's view of the run's training plan, as the driver wrote it: rank 0 reads the header
+    and shares it, each rank reads its own section. A DataError on every rank when one cannot."""
+    header = text_from_rank0(rank, lambda: _read_header(job))
+    plan: ShardPlan | None = None
+    failure: Exception | None = None
+    try:
+        plan = run_dir_of(job).load_plan(header, rank=rank)
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+        failure = exc
+    if not collectives.all_true(failure is None):
+        if failure is not None:
+            raise DataError(f"rank {rank} cannot read its part of the data plan: {failure}") from failure
+        raise DataError("another rank cannot read its part of the data plan (its log says why)")
+    assert plan is not None
+    return plan
 
 
 def eval_plan(job: JobSpec, rank: int, world_size: int) -> ShardPlan:

@@ -108,7 +108,7 @@ def planned_steps(job: JobSpec) -> int | None:
     run = run_dir_of(job)
     if not storage.exists(run.plan, run.options):
         return None
-    plan = ShardPlan.from_json(storage.read_text(run.plan, run.options))
+    plan = run.load_plan(body=False)
     rows = _saved_rows(run, None, plan_id=plan.origin)
     if rows is None or len(rows) != plan.first_world_size:
         return None

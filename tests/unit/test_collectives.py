@@ -31,7 +31,6 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
-    from sft_cluster import storage
     from sft_cluster.checkpoint import CheckpointStore
     from sft_cluster.data import DataError, build_plan
     from sft_cluster.spec import CheckpointSpec, load_job
@@ -113,11 +112,12 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     if rank == 0:
         run = run_dir_of(job)
         plan = build_plan(job.data, job.storage, WORLD, job.train.seed)
-        storage.write_text(run.plan, plan.to_json(), run.options)
+        run.save_plan(plan)
     collectives.barrier()
-    prepared = prepared_plan(job, rank)
-    out["prepared_plan"] = prepared.to_json()
-    out["plan"] = plan_from_rank0(rank, lambda: prepared if rank == 0 else None).to_json()
+    prepared = prepared_plan(job, rank)  # this rank's view: its own section only
+    out["prepared_plan"] = [prepared.id, sorted(prepared.sources[0].ranks)]
+    whole = run_dir_of(job).load_plan()
+    out["plan"] = plan_from_rank0(rank, lambda: whole if rank == 0 else None).to_json()
 
     # train.epochs: each rank counts its own share, all get the same steps; then the saved count is read.
     from sft_cluster.data.epochs import count_rows
@@ -175,7 +175,9 @@ def test_every_control_plane_helper_runs_on_a_cuda_only_default_group(tmp_path):
     assert results[0]["my_files"] == ["config.json", "rng_state_0.pth"]
     assert results[1]["my_files"] == ["rng_state_1.pth"]
     assert "config.json" in results[0]["fetched"] and "config.json" not in results[1]["fetched"]
-    assert results[0]["prepared_plan"] == results[1]["prepared_plan"]
+    assert [r["prepared_plan"] for r in results] == [
+        [results[0]["prepared_plan"][0], [rank]] for rank in (0, 1)
+    ]
     assert results[0]["plan"] == results[1]["plan"]
     assert results[0]["epoch_steps"] == results[1]["epoch_steps"]
     assert results[0]["epoch_steps"][0] == results[0]["epoch_steps"][1]

@@ -13,6 +13,7 @@ split keeps must have been trained exactly once in epoch 0 and once in epoch 1.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import tempfile
 from collections import Counter
@@ -193,17 +194,32 @@ def test_a_cursor_of_another_plan_or_without_its_window_records_is_refused(tmp_p
         replan(plan, old, data, 3, 3)
 
 
-def test_a_plan_that_never_was_re_planned_keeps_its_id_and_text(tmp_path):
-    """Runs planned before re-plans existed resume: their plan's text (hence id) is unchanged."""
+def test_a_plan_stored_before_the_header_layout_still_reads_under_its_old_id(tmp_path):
+    """Runs planned before #16 resume: a version-1 plan (one JSON document) keeps its units and the
+    id its cursors name (the hash of its text); a plan never re-planned has no history."""
     uri = write_files(tmp_path, "c", [[record(i) for i in range(12)]], ["jsonl"])
     plan = build_plan(spec((uri, 1.0)), STORE, 2, 0, chunk_bytes=200)
-    assert set(json.loads(plan.to_json())) == {
-        "version",
-        "seed",
-        "world_size",
-        "chunk_bytes",
-        "fingerprint",
-        "sources",
-    }
-    assert set(json.loads(plan.to_json())["sources"][0]) == {"uri", "objects", "ranks"}
+    assert "history" not in json.loads(plan.encoded.header)
     assert plan.origin == plan.id and plan.base_step == 0
+    old = json.dumps(
+        {
+            "version": 1,
+            "seed": plan.seed,
+            "world_size": plan.world_size,
+            "chunk_bytes": plan.chunk_bytes,
+            "fingerprint": plan.fingerprint,
+            "sources": [
+                {
+                    "uri": s.uri,
+                    "objects": [[o.uri, o.size, o.version] for o in s.objects],
+                    "ranks": [[list(u) for u in units] for units in s.ranks],
+                }
+                for s in plan.sources
+            ],
+        },
+        separators=(",", ":"),
+    )
+    read = ShardPlan.from_json(old)
+    assert read.id == hashlib.sha256(old.encode()).hexdigest()[:16] != plan.id
+    assert read == plan  # the same units: only the stored form changed
+    assert ShardPlan.from_json(read.to_json()).id == read.id  # saved again, it keeps that id
