@@ -1,8 +1,9 @@
 """This rank's samples: the units the plan gave it, read, shuffled, mixed by weight and tokenized.
 
-``RankStream`` reads the units the plan gave this rank, one at a time (memory:
-one unit per source), shuffles each unit's records with a seed of (seed, epoch,
-unit) and tokenizes them with the chat template, forever. Sources are mixed by
+``RankStream`` reads the units the plan gave this rank, one at a time and lazily
+(``sft_cluster.data.units``: memory is a JSONL range, a Parquet row group or a
+shuffle buffer per source), in an order seeded by (seed, epoch, unit), and
+tokenizes them with the chat template, forever. Sources are mixed by
 weight with a counter-based draw, so its whole state is a few integers.
 ``sft_cluster.data.stream`` packs these samples into rows.
 """
@@ -10,82 +11,22 @@ weight with a counter-based draw, so its whole state is a few integers.
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from fsspec import AbstractFileSystem
 from jinja2 import TemplateError
 
-from sft_cluster import storage
 from sft_cluster.data.chat import ChatEncoder
-from sft_cluster.data.plan import Piece, ShardPlan, Unit, derive_seed
-from sft_cluster.data.records import (
-    BadRecords,
-    DataError,
-    ObjectInfo,
-    format_of,
-    iter_raw,
-    record_location,
-    source_options,
-    to_conversation,
-)
+from sft_cluster.data.plan import Piece, ShardPlan, derive_seed
+from sft_cluster.data.records import BadRecords, DataError, source_options, to_conversation
+from sft_cluster.data.units import apply_cuts, read_lines, read_unit
 from sft_cluster.spec import DataSpec, StorageSpec
 
 __all__ = ["Counters", "RankStream", "Sample", "read_lines", "read_unit"]
-
-_READ_BLOCK = 1 << 20
-
-
-def read_lines(
-    fs: AbstractFileSystem, path: str, start: int, end: int, size: int
-) -> tuple[int, list[tuple[int, bytes]]]:
-    """The lines a byte range [start, end) owns: those whose first byte lies in it.
-
-    Returns the offset of the first owned line and (line index from it, line)
-    for each non-blank line. The partial line at ``start`` belongs to the
-    previous range (unless start == 0); the last line is read past ``end``.
-    Ranged reads (``cat_file``), so no read-ahead cache holds a second copy.
-    """
-    begin = max(start - 1, 0)  # the byte before ``start`` tells whether a line starts at ``start``
-    parts = [fs.cat_file(path, start=begin, end=end)]
-    position = end
-    while not parts[-1].endswith(b"\n") and position < size:
-        more = fs.cat_file(path, start=position, end=min(position + _READ_BLOCK, size))
-        if not more:
-            break
-        position += len(more)
-        cut = more.find(b"\n")
-        parts.append(more if cut < 0 else more[: cut + 1])
-        if cut >= 0:
-            break
-    lines = b"".join(parts).split(b"\n")
-    first = 0
-    if start > 0:
-        first = begin + len(lines[0]) + 1
-        if len(lines) == 1 or first >= end:
-            return first, []
-        lines = lines[1:]
-    return first, [(index, line) for index, line in enumerate(lines) if line.strip()]
-
-
-class _LineNamer:
-    """Absolute line numbers for a byte range, counted only when a bad line must be named."""
-
-    def __init__(self, fs: AbstractFileSystem, path: str, uri: str, first: int):
-        self.fs, self.path, self.uri, self.first = fs, path, uri, first
-        self.base: int | None = None
-
-    def __call__(self, index: int) -> str:
-        if self.base is None:
-            self.base = 0
-            with self.fs.open(self.path, "rb") as handle:
-                for _ in range(0, self.first, _READ_BLOCK * 8):
-                    self.base += handle.read(min(_READ_BLOCK * 8, self.first - handle.tell())).count(b"\n")
-        return f"{self.uri}:{self.base + index + 1}"
 
 
 @dataclass(slots=True)
@@ -119,7 +60,7 @@ class Counters:
 class _Position:
     epoch: int = 0
     unit: int = 0  # index into this epoch's unit order
-    record: int = 0  # index into the unit's shuffled records
+    record: int = 0  # records handed out of the current piece (a resume re-reads it and skips them)
     epoch_samples: int = 0  # a whole epoch without one sample is an error, not an endless loop
 
 
@@ -156,7 +97,7 @@ class RankStream:
         self._options = [source_options(source, data, store) for source in data.sources]
         self._cumulative = list(itertools.accumulate(source.weight for source in data.sources))
         self._orders: list[tuple[int, list[Piece]] | None] = [None] * count
-        self._loaded: list[tuple[tuple[int, int], list[tuple[int, Any]], Callable[[int], str]] | None]
+        self._loaded: list[tuple[tuple[int, int], Iterator[tuple[int, Any]], Callable[[int], str]] | None]
         self._loaded = [None] * count
 
     def state(self) -> dict[str, Any]:
@@ -264,11 +205,15 @@ class RankStream:
             key = (position.epoch, position.unit)
             loaded = self._loaded[source]
             if loaded is None or loaded[0] != key:
-                loaded = (key, *self._load(source, order[position.unit], position.epoch))
+                records, locate = self._load(source, order[position.unit], position.epoch)
+                # A resume re-reads the piece from its start: skip what was handed out before.
+                collections.deque(itertools.islice(records, position.record), maxlen=0)
+                loaded = (key, records, locate)
                 self._loaded[source] = loaded
             _, records, locate = loaded
-            if position.record < len(records):
-                number, raw = records[position.record]
+            record = next(records, None)
+            if record is not None:
+                number, raw = record
                 position.record += 1
                 return order[position.unit].unit.key, number, raw, partial(locate, number)
             position.unit, position.record = position.unit + 1, 0
@@ -276,26 +221,10 @@ class RankStream:
 
     def _load(
         self, source: int, piece: Piece, epoch: int
-    ) -> tuple[list[tuple[int, Any]], Callable[[int], str]]:
-        """This rank's records of one piece, in ``epoch``'s order, and how to name one of them."""
+    ) -> tuple[Iterator[tuple[int, Any]], Callable[[int], str]]:
+        """This rank's records of one piece, lazily, in ``epoch``'s order, and how to name one of them."""
         unit = piece.unit
         obj = self.plan.sources[source].objects[unit.file]
-        records, locate = read_unit(obj, unit, self.data.sources[source].format, self._options[source])
-        random.Random(derive_seed(self.plan.seed, "records", source, epoch, unit.key)).shuffle(records)
-        return piece.apply(records), locate
-
-
-def read_unit(
-    obj: ObjectInfo, unit: Unit, declared_format: str | None, options: dict[str, Any]
-) -> tuple[list[tuple[int, Any]], Callable[[int], str]]:
-    """(number, raw record) for each record of ``unit`` this rank-slot owns, in file order,
-    and how to name a record by its number in an error."""
-    fmt, compression = format_of(obj.uri, declared_format)
-    if unit.end is None:
-        records = list(iter_raw(obj.uri, options, fmt, compression))
-        locate: Callable[[int], str] = partial(record_location, obj.uri, fmt)
-    else:
-        fs, path = storage.filesystem(obj.uri, options)
-        first, records = read_lines(fs, path, unit.start, unit.end, obj.size)
-        locate = _LineNamer(fs, path, obj.uri, first)
-    return records[unit.offset :: unit.stride], locate
+        seed = derive_seed(self.plan.seed, "records", source, epoch, unit.key)
+        records, locate = read_unit(obj, unit, self.data.sources[source].format, self._options[source], seed)
+        return apply_cuts(records, piece.cuts), locate
