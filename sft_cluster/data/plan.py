@@ -237,11 +237,12 @@ def _fingerprint(listing: list[list[ObjectInfo]]) -> str:
 
 
 def _ranged(uri: str, declared: str | None, known: dict[str, bool]) -> bool:
-    """Whether an object is cut into byte ranges (uncompressed JSONL), by its suffixes."""
+    """Whether an object is cut into byte ranges (uncompressed JSONL, Parquet: its row groups by
+    first byte), by its suffixes."""
     suffix = ".".join(uri.rsplit("/", 1)[-1].lower().rsplit(".", 2)[1:])
     if suffix not in known:
         fmt, compression = format_of(uri, declared)
-        known[suffix] = fmt == "jsonl" and compression is None
+        known[suffix] = fmt in ("jsonl", "parquet") and compression is None
     return known[suffix]
 
 
