@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from sft_cluster.spec import resolve_builtin
+from sft_cluster.tracking.rundir import RunDir
 from tests.conftest import REPO, max_weight_diff, run_torchrun
 
 JOB = REPO / "jobs" / "smoke.yaml"
@@ -35,7 +36,8 @@ def test_resume_reuses_the_plan_warns_on_a_changed_listing_and_refuses_another_s
     first = run_torchrun(JOB, isolated_env, *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     plan = (out / "plan.json").read_text()
-    assert [o[0].rsplit("/", 1)[1] for o in json.loads(plan)["sources"][0]["objects"]] == [
+    objects = RunDir(str(out)).load_plan().sources[0].objects
+    assert [o.uri.rsplit("/", 1)[1] for o in objects] == [
         "part-0.jsonl",
         "part-1.jsonl",
     ]
