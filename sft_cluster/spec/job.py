@@ -93,6 +93,9 @@ class DataSpec(Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     max_bad_records: int = Field(100, ge=0)
     truncation: Literal["drop", "truncate"] = "drop"
+    # Rows a background thread reads, tokenizes and packs ahead of the training step (0: in the
+    # step, as the step asks). The rows and the cursor are the same either way.
+    prefetch_rows: int = Field(128, ge=0)
     # Held-out evaluation data: its own sources, or a deterministic fraction of the training
     # records (chosen by a hash of each record, so the same records whatever the world size).
     eval: list[SourceSpec] = Field(default_factory=list)

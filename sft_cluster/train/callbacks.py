@@ -26,16 +26,24 @@ class ProgressCallback(TrainerCallback):
         max_steps: int,
         eval_loss: Callable[[], tuple[int, float] | None] = lambda: None,
         epoch_of: Callable[[int], float | None] = lambda step: None,
+        data_wait: Callable[[], float] = lambda: 0.0,
     ):
         """``eval_loss()`` is the latest (step, eval loss), added to that step's record;
-        ``epoch_of(step)`` the fractional epoch (``train.epochs`` jobs), added to every record."""
+        ``epoch_of(step)`` the fractional epoch (``train.epochs`` jobs), added to every record;
+        ``data_wait()`` the seconds this rank has waited for its rows so far: each record gets
+        ``data_wait_s``, the mean wait per step since the previous record."""
         self.metrics = metrics
         self.eval_loss = eval_loss
         self.sink = sink
         self.max_steps = max_steps
         self.epoch_of = epoch_of
+        self.data_wait = data_wait
         self.first_step_time: float | None = None
         self._last: tuple[float, float] | None = None  # (time, tokens) at the previous log
+        self._waited: tuple[int, float] = (0, 0.0)  # (step, data wait so far) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self._waited = (state.global_step, self.data_wait())
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.first_step_time is None:
@@ -52,6 +60,8 @@ class ProgressCallback(TrainerCallback):
         if self._last is not None and now > self._last[0]:
             tokens_per_second = (tokens - self._last[1]) / (now - self._last[0])
         self._last = (now, tokens)
+        waited, (last_step, last_wait) = self.data_wait(), self._waited
+        self._waited = (state.global_step, waited)
         record = {
             "step": state.global_step,
             "loss": logs["loss"],
@@ -59,6 +69,7 @@ class ProgressCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens": int(tokens),
             "tokens_per_second": tokens_per_second,
+            "data_wait_s": round((waited - last_wait) / max(state.global_step - last_step, 1), 6),
             "time": now,
         }
         epoch = self.epoch_of(state.global_step)

@@ -108,7 +108,9 @@ class StepCursor(TrainerCallback):
     ``state_after((N - base_step) x micro_batch_size x grad_accum_steps)``, the
     rows N steps consumed since the plan began (a re-planned one at ``base_step``).
     It learns the step as one of the Trainer's callbacks (every ``on_step_end``
-    comes before that step's ``on_save``); loading a state restarts the stream there.
+    comes before that step's ``on_save``), and lets the stream forget the windows
+    before it then, so the stream keeps only the rows in flight; loading a state
+    restarts the stream there.
     """
 
     def __init__(self, dataset: PackedDataset, rows_per_step: int, base_step: int = 0):
@@ -119,11 +121,15 @@ class StepCursor(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.step = state.global_step
+        self.dataset.forget(self._rows())
 
-    def state_dict(self) -> dict[str, Any]:
+    def _rows(self) -> int:
         if self.step is None:
             raise RuntimeError("StepCursor saved before any step: it must be one of the Trainer's callbacks")
-        return self.dataset.state_after((self.step - self.base_step) * self.rows_per_step)
+        return (self.step - self.base_step) * self.rows_per_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_after(self._rows())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state_dict)

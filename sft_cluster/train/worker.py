@@ -134,7 +134,15 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
     if rank == 0:
         _say_template_choices(job, encoder, model, notify)
         run.write_json(run.strategy, strategy.record())
-    dataset = PackedDataset(plan, rank, job.data, job.storage, encoder, keep=train_filter(job.data))
+    dataset = PackedDataset(
+        plan,
+        rank,
+        job.data,
+        job.storage,
+        encoder,
+        keep=train_filter(job.data),
+        prefetch_rows=job.data.prefetch_rows,
+    )
     return Components(
         job=job,
         sink=sink,
@@ -254,6 +262,7 @@ def train(parts: Components, resume: Resume) -> Training:
         parts.steps.max_steps,
         eval_loss=lambda: evaluator.latest if evaluator else None,
         epoch_of=parts.steps.epoch,
+        data_wait=lambda: parts.dataset.wait_s,
     )
     committer = CommitCallback(
         parts.store,
@@ -337,7 +346,9 @@ def finish(parts: Components, training: Training, started: float) -> dict[str, A
         training.metrics.close()
     report = worker_report(trainer, training.recorder, rank, parts.world_size, started, training.progress)
     report["preempted"] = preempted
+    parts.dataset.close()  # the prefetch thread stops before its counters are read
     report["data"] = {
+        "wait_s": round(parts.dataset.wait_s, 3),
         "packing_efficiency": parts.dataset.rows.packing_efficiency,
         "sources": [dataclasses.asdict(c) for c in parts.dataset.rows.samples.counters],
     }
