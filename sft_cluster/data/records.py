@@ -21,11 +21,11 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from sft_cluster import storage
+from sft_cluster.data.listing import ObjectInfo, list_path
 from sft_cluster.spec import DataSpec, SourceSpec, StorageSpec, resolve_builtin
 
 log = logging.getLogger("sft_cluster.data")
@@ -51,15 +51,6 @@ class _Problem(Exception):
     """What is wrong with one record, before the caller says where the record is."""
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One listed object: enough to read it and to notice when it changed."""
-
-    uri: str
-    size: int
-    version: str | None = None  # ETag, or mtime where the store gives no ETag
-
-
 def _source_uri(source: SourceSpec) -> str:
     uri = source.uri
     return resolve_builtin(uri) if uri.startswith("builtin:") else uri
@@ -69,13 +60,6 @@ def source_options(source: SourceSpec, data: DataSpec, store: StorageSpec) -> di
     """fsspec options for one source: storage, then data, then source options win."""
     merged = {**store.options, **data.storage_options, **source.storage_options}
     return storage.storage_options_for(_source_uri(source), store.endpoint_url, merged)
-
-
-def _version(info: dict[str, Any]) -> str | None:
-    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created"):
-        if info.get(key) is not None:
-            return str(info[key]).strip('"')
-    return None
 
 
 def _listable(name: str, declared: str | None) -> bool:
@@ -91,30 +75,13 @@ def _listable(name: str, declared: str | None) -> bool:
 
 
 def list_objects(source: SourceSpec, data: DataSpec, store: StorageSpec) -> list[ObjectInfo]:
-    """The objects a source names, sorted, with sizes, from one paginated listing.
+    """The objects a source names, sorted, with sizes, from paginated listings (``listing``).
 
     A glob expands; a prefix (folder) lists every data object below it; a plain
     object names itself. No per-object request: 100,000 objects list in seconds.
     """
-    uri = _source_uri(source)
-    fs, path = storage.filesystem(uri, source_options(source, data, store))
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path, detail=True)
-    else:
-        found = fs.find(path, detail=True)
-        if len(found) > 1 or path.rstrip("/") not in found:
-            found = {name: info for name, info in found.items() if _listable(name, source.format)}
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    objects = []
-    for name in sorted(found):
-        info = found[name]
-        if info.get("type", "file") != "file":
-            continue
-        if "size" not in info:  # a generic find() names a single file without details
-            info = fs.info(name)
-        full = name if protocol in ("file", "local") else f"{protocol}://{name}"
-        objects.append(ObjectInfo(full, int(info["size"]), _version(info)))
-    return objects
+    fs, path = storage.filesystem(_source_uri(source), source_options(source, data, store))
+    return list_path(fs, path, partial(_listable, declared=source.format))
 
 
 def resolve_source_uris(source: SourceSpec, data: DataSpec, store: StorageSpec) -> list[str]:

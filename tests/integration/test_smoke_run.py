@@ -107,12 +107,16 @@ def test_data_plan_packing_and_eval_loss(smoke_run):
     reports = [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank-*.json"))]
     for report in reports:
         assert report["data"]["packing_efficiency"] >= 0.95
+        assert report["data"]["wait_s"] > 0
         (source,) = report["data"]["sources"]
         assert source["samples"] > 400 and source["bad"] == 0
     # The smoke job holds out 5% (eval_every_n_steps: 50) and evaluates at the end too.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert sorted(evals) == [50, 100, 120]
+    # Every step's data wait (logging_steps 1), adding up to rank 0's whole wait for rows.
+    assert all(r["data_wait_s"] >= 0 for r in records)
+    assert sum(r["data_wait_s"] for r in records) == pytest.approx(reports[0]["data"]["wait_s"], abs=0.01)
     assert evals[120] < evals[50] < records[0]["loss"]
     assert "eval loss" in result.stdout
     # Each checkpoint holds every rank's data cursor.
