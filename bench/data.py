@@ -42,6 +42,7 @@ MAX_SEQ_LEN = 256  # the smoke job's
 BATCH = 8
 SHARDS = 8
 SIDES = ("ours", "trl-map", "trl-streaming")
+CURSOR_EVERY = 64  # batches between the cursors ours writes during its epoch (one is the resume point)
 
 
 def synthetic_rows(count: int, seed: int):
@@ -113,18 +114,28 @@ def child_ours(prefix: str, endpoint: str, work: Path, resume_batches: int | Non
         batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH)))
         return {"resume_s": time.perf_counter() - started, "digest": _digest(batch)}
     plan = build_plan(data, store, world_size=1, seed=42)
+    # In the step (prefetch_rows 0): the epoch's time is the tokenize+pack time of one process.
     dataset = PackedDataset(plan, 0, data, store, encoder)
     first = None
     digests = []
     for batch in torch.utils.data.DataLoader(dataset, batch_size=BATCH):
         first = first or time.perf_counter() - started
         digests.append(_digest(batch))
+        # As training does at each step: the stream keeps only the windows of the rows in flight,
+        # so cursors for the resume below are written as the epoch goes.
+        if len(digests) % CURSOR_EVERY == 0:
+            (work / f"cursor-{len(digests)}.json").write_text(
+                json.dumps(dataset.state_after(len(digests) * BATCH))
+            )
+        dataset.forget(len(digests) * BATCH)
         if dataset.rows.samples.positions[0].epoch > 0:
             break
     elapsed = time.perf_counter() - started
-    at = int(len(digests) * 0.9)
+    at = int(len(digests) * 0.9) // CURSOR_EVERY * CURSOR_EVERY
     (work / "plan.json").write_text(plan.to_json())
-    (work / "cursor.json").write_text(json.dumps(dataset.state_after(at * BATCH)))
+    (work / f"cursor-{at}.json").rename(work / "cursor.json")
+    for stale in work.glob("cursor-*.json"):
+        stale.unlink()
     return {
         "first_batch_s": first,
         "epoch_s": elapsed,
@@ -241,10 +252,10 @@ def run_child(side: str, prefix: str, server, work: Path, resume_batches: int | 
     return json.loads(line.removeprefix("RESULT "))
 
 
-def bench_size(server, rows: int, tmp: Path) -> dict[str, dict]:
+def bench_size(server, rows: int, tmp: Path, sides: list[str]) -> dict[str, dict]:
     prefix = upload(server, rows, tmp)
     results = {}
-    for side in SIDES:
+    for side in sides:
         work = tmp / f"{side}-{rows}"
         work.mkdir()
         epoch = run_child(side, prefix, server, work)
@@ -267,20 +278,21 @@ def report(rows: int, results: dict[str, dict]) -> None:
         ("resume at 90%: first batch (s)", "resume_s", "{:.2f}", True),
         ("peak RSS, resume (MB)", "resume_peak_rss_mb", "{:,.0f}", True),
     ]
+    sides = list(results)
     header = (
         f"{'':32}"
-        + "".join(f"{side:>16}" for side in SIDES)
-        + "".join(f"{'ours vs ' + side.removeprefix('trl-'):>20}" for side in SIDES[1:])
+        + "".join(f"{side:>16}" for side in sides)
+        + "".join(f"{'ours vs ' + side.removeprefix('trl-'):>20}" for side in sides[1:])
     )
     print(
-        f"\n{rows:,} rows: {results['trl-map']['tokens']:,} tokens an epoch, max_seq_len {MAX_SEQ_LEN}, "
+        f"\n{rows:,} rows: {results[sides[-1]]['tokens']:,} tokens an epoch, max_seq_len {MAX_SEQ_LEN}, "
         f"batches of {BATCH} rows (ours reads up to one packing window past the epoch; "
         f"its cursor: {ours['cursor_bytes']} bytes of JSON)"
     )
     print(header)
     for label, key, fmt, lower_is_better in lines:
         values = [
-            r["tokens"] / r["epoch_s"] if key is None else r[key] for r in (results[side] for side in SIDES)
+            r["tokens"] / r["epoch_s"] if key is None else r[key] for r in (results[side] for side in sides)
         ]
         ratios = [
             (other / values[0] if lower_is_better else values[0] / other) if other else float("nan")
@@ -301,6 +313,7 @@ def main() -> None:
     parser.add_argument("--endpoint")
     parser.add_argument("--work")
     parser.add_argument("--resume-batches", type=int)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="ours first")
     args = parser.parse_args()
     if args.side:
         child(args)
@@ -314,9 +327,17 @@ def main() -> None:
             os.environ.update(server.env())  # this process and its children, as a job sees them
             results = {}
             for rows in args.rows:
-                results[rows] = bench_size(server, rows, tmp)
+                results[rows] = bench_size(server, rows, tmp, args.sides)
     for rows, sides in results.items():
         report(rows, sides)
+    smallest, largest = min(results), max(results)
+    if "ours" in args.sides and largest != smallest:
+        small, large = results[smallest]["ours"], results[largest]["ours"]
+        for key in ("peak_rss_mb", "resume_peak_rss_mb"):
+            print(
+                f"ours {key} at {largest:,} rows vs {smallest:,}: {large[key]:,.0f} / {small[key]:,.0f} MB "
+                f"= {large[key] / small[key]:.3f} (target <= 1.10)"
+            )
 
 
 if __name__ == "__main__":
