@@ -7,7 +7,14 @@ plans them once (``build_plan``); each worker reads its own share of the plan
 cursor that is saved in every checkpoint.
 """
 
-from sft_cluster.data.plan import ShardPlan, build_plan, list_sources, make_plan, plan_changes
+from sft_cluster.data.plan import (
+    ShardPlan,
+    build_plan,
+    list_sources,
+    make_plan,
+    plan_changes,
+    same_listing,
+)
 from sft_cluster.data.records import (
     DataError,
     check_sources,
@@ -24,5 +31,6 @@ __all__ = [
     "load_conversations",
     "make_plan",
     "plan_changes",
+    "same_listing",
     "resolve_source_uris",
 ]

@@ -47,6 +47,7 @@ __all__ = [
     "list_sources",
     "make_plan",
     "plan_changes",
+    "same_listing",
 ]
 
 
@@ -332,6 +333,11 @@ def build_plan(
 def _names(uris: list[str]) -> str:
     shown = ", ".join(uris[:3])
     return shown + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
+
+
+def same_listing(plan: ShardPlan, listing: list[list[ObjectInfo]]) -> bool:
+    """Whether ``listing`` is the one ``plan`` was made from (its header's fingerprint suffices)."""
+    return _fingerprint(listing) == plan.fingerprint
 
 
 def plan_changes(plan: ShardPlan, listing: list[list[ObjectInfo]]) -> list[str]:

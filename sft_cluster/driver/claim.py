@@ -26,7 +26,7 @@ from typing import Any
 
 from sft_cluster import storage
 from sft_cluster.checkpoint import CheckpointStore
-from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes
+from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, plan_changes, same_listing
 from sft_cluster.driver.resize import read_plan, resume_plan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
@@ -221,8 +221,10 @@ def ensure_plan(
                 f"({run.plan}), but " + "; ".join(problems) + " (or use a new output_uri to start over)"
             )
         plan, split = resume_plan(job, run, world_size, notify)
-        for change in plan_changes(plan, list_sources(job.data, job.storage)):
-            notify(f"warning: {change}")
+        listing = list_sources(job.data, job.storage)
+        if not same_listing(plan, listing):  # the whole plan is read only to name what changed
+            for change in plan_changes(read_plan(run), listing):
+                notify(f"warning: {change}")
         return plan, split
     split = batch_split(job, world_size, world_size)  # refused before anything is written
     plan = build_plan(job.data, job.storage, world_size, job.train.seed)

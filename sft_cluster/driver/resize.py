@@ -75,14 +75,14 @@ def _saved_split(metadata: dict[str, Any]) -> tuple[int, int, int]:
 def resume_plan(
     job: JobSpec, run: RunDir, world_size: int, notify: Callable[[str], None]
 ) -> tuple[ShardPlan, BatchSplit]:
-    """The plan and split this resume trains with: the newest commit's, or re-planned from it."""
+    """The plan and split this resume trains with: the newest commit's (its header alone where it
+    stays the plan), or re-planned from it."""
     found = _commit_cursors(run)
-    current = read_plan(run)
-    plan = (
-        current
-        if found is None or found[2][0]["plan"] == current.id
-        else _kept_plan(run, found[2][0]["plan"])
-    )
+    # The header alone unless the data is re-planned: the whole plan is large at scale (~100 MB
+    # at 1M objects x 1,024 ranks), and the workers read their own sections of it.
+    current = read_plan(run, body=False)
+    kept = found is not None and found[2][0]["plan"] != current.id
+    plan = _kept_plan(run, found[2][0]["plan"]) if kept else current
     if found is None:  # nothing trained yet that counts: plan afresh for this size
         if plan.world_size != world_size:
             notify(
@@ -94,9 +94,11 @@ def resume_plan(
     split = batch_split(job, world_size, plan.first_world_size)
     step, metadata, cursors = found
     if _saved_split(metadata) == (split.micro, split.accum, world_size):
-        if plan.id != current.id:
+        if kept:
             run.save_plan(plan)  # a re-plan that never committed is dropped
         return plan, split
+    if not kept:
+        plan = read_plan(run)
     new = replan(plan, cursors, job.data, world_size, step)
     run.save_plan(new)
     micro, accum, old_world = _saved_split(metadata)

@@ -20,10 +20,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sft_cluster.data import DataError, build_plan, make_plan, plan_changes
+from sft_cluster.data import DataError, build_plan, make_plan, plan_changes, same_listing
 from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.packing import IGNORE_INDEX, best_fit, pack
 from sft_cluster.data.plan import ShardPlan
+from sft_cluster.data.plan_files import decode
 from sft_cluster.data.reader import RankStream, read_unit
 from sft_cluster.data.records import ObjectInfo, source_options
 from sft_cluster.data.stream import PackedDataset, PackedRowStream
@@ -172,6 +173,9 @@ def test_plan_changes_with_the_seed_and_reports_listing_changes():
     assert len({json.dumps([[u.key for u in r] for r in p.sources[0].ranks]) for p in plans}) > 1
     assert len({p.fingerprint for p in plans}) == 1  # the fingerprint is the listing's
     assert plan_changes(plans[0], listing) == []
+    # A resume compares fingerprints from the plan's header alone before reading the whole plan.
+    header = decode(plans[0].encoded.header, None)
+    assert header.sources[0].objects == {} and same_listing(header, listing)
     changed = [
         [ObjectInfo(o.uri, o.size, "v2" if o.uri.endswith("f3.jsonl") else "v1") for o in listing[0][1:]]
         + [ObjectInfo("/d/new.jsonl", 5)]
@@ -183,6 +187,8 @@ def test_plan_changes_with_the_seed_and_reports_listing_changes():
         "data.sources[0] (/d/f*): 1 object(s) changed (size or version) since the data plan was made: "
         "/d/f3.jsonl",
     ]
+    assert not same_listing(header, changed)
+    assert not same_listing(header, [[ObjectInfo(o.uri, o.size, "v2") for o in listing[0]]])
 
 
 @st.composite
