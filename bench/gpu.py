@@ -7,9 +7,10 @@
 
 For each strategy it prints tokens/s per device (the tokens of the packed rows,
 as the Trainer counts them) and MFU = model FLOPs per token x tokens/s / peak
-bf16 FLOP/s, with FLOPs per token = 6 x non-embedding
-parameters + 12 x layers x heads x head_dim x sequence length (the formula
-torchtitan reports its MFU with). Steady state: steps after --warmup.
+bf16 FLOP/s, with FLOPs per token = 6 x the weights of every matmul (the tied
+LM head included) + 12 x layers x heads x head_dim x sequence length (the
+formula torchtitan reports its MFU with; the run's own metrics use the same,
+sft_cluster.train.flops). Steady state: steps after --warmup.
 The machine needs torch, transformers, accelerate, peft, trl, datasets (and
 deepspeed for zero2/zero3); it does not need Ray. Each run is stopped once its
 steps are logged and its files are removed: a 1B run's final checkpoint
@@ -40,8 +41,6 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "zero2": {"kind": "deepspeed", "deepspeed": {"stage": 2}},
     "zero3": {"kind": "deepspeed", "deepspeed": {"stage": 3}},
 }
-# Dense bf16 peak per device, FLOP/s (vendor datasheets, SXM parts).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 # Llama-3.2-1B's shape: 1.24B parameters.
 ONE_B = {
     "hidden_size": 2048,
@@ -86,28 +85,28 @@ def synthetic_chats(path: Path, tokens_needed: int) -> None:
             written += len(question.split()) + len(answer.split())
 
 
-def flops_per_token(config_dir: Path, seq_len: int) -> tuple[float, int]:
-    """(model FLOPs per token, parameter count), counted on a meta-device copy."""
+def model_size(config_dir: Path, seq_len: int) -> tuple[float, int]:
+    """(model FLOPs per token, parameter count), the parameters counted on a meta-device copy."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft_cluster.train.flops import flops_per_token
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
-    return 6 * (params - embedding) + attention, params
+    return flops_per_token(config, seq_len), sum(p.numel() for p in model.parameters())
 
 
 def peak_flops(cpu: bool) -> float | None:
+    """Dense bf16 peak of GPU 0 (None on CPU or a GPU not in sft_cluster.train.flops.PEAKS)."""
     if cpu:
         return None
     import torch
 
-    name = torch.cuda.get_device_name(0)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    from sft_cluster.train.flops import peak_flops as device_peak
+
+    return device_peak(torch.cuda.get_device_name(0), "bf16")
 
 
 def stop_tree(proc: subprocess.Popen) -> None:
@@ -206,7 +205,7 @@ def main() -> None:
     model = model_dir(root, args.tiny, args.seq_len)
     data = root / "chats.jsonl"
     synthetic_chats(data, args.steps * args.micro_batch * args.seq_len * args.nproc)
-    per_token, params = flops_per_token(model, args.seq_len)
+    per_token, params = model_size(model, args.seq_len)
     peak = peak_flops(args.cpu)
     print(
         f"model {params / 1e6:,.1f}M params, seq {args.seq_len}, micro batch {args.micro_batch}, "

@@ -37,7 +37,7 @@ class ProgressDisplay:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[epoch]}loss {task.fields[loss]}"),
-                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("{task.fields[tps]} tok/s{task.fields[mfu]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -45,7 +45,9 @@ class ProgressDisplay:
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.max_steps, loss="-", tps="-", epoch="")
+            self._task = self._progress.add_task(
+                "train", total=self.max_steps, loss="-", tps="-", mfu="", epoch=""
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,13 +82,20 @@ class ProgressDisplay:
         self.max_steps = event.get("max_steps") or self.max_steps
         loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
         tps = f"{event['tokens_per_second']:,.0f}" if event.get("tokens_per_second") else "-"
+        mfu = f"  MFU {event['mfu']:.1%}" if event.get("mfu") is not None else ""  # GPUs of a known peak
         epoch = f"epoch {event['epoch']:.2f}  " if event.get("epoch") is not None else ""
         if self._progress is not None:
             self._progress.update(
-                self._task, total=self.max_steps, completed=event["step"], loss=loss, tps=tps, epoch=epoch
+                self._task,
+                total=self.max_steps,
+                completed=event["step"],
+                loss=loss,
+                tps=tps,
+                mfu=mfu,
+                epoch=epoch,
             )
             return
         now = time.monotonic()
         if now - self._last_line >= self.log_every_seconds or event["step"] == self.max_steps:
             self._last_line = now
-            self._say(f"step {event['step']}/{self.max_steps}  {epoch}loss {loss}  {tps} tok/s")
+            self._say(f"step {event['step']}/{self.max_steps}  {epoch}loss {loss}  {tps} tok/s{mfu}")

@@ -18,6 +18,16 @@ def steady_tokens_per_second(records: list[dict[str, Any]]) -> float | None:
     return (timed[-1]["tokens"] - timed[0]["tokens"]) / (timed[-1]["time"] - timed[0]["time"])
 
 
+def steady_mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the records past the first 10% of the run's steps (warm-up, compilation and
+    the first record, which has no rate, left out); None where no such record has it."""
+    if not records:
+        return None
+    warm_up = records[-1]["step"] // 10
+    values = [r[key] for r in records if r["step"] > warm_up and r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def finalize_run(
     run: RunDir,
     *,
@@ -43,6 +53,7 @@ def finalize_run(
         "final_loss": losses[-1] if losses else None,
         "tokens": records[-1]["tokens"] if records else 0,
         "tokens_per_second": steady_tokens_per_second(records),
+        "tokens_per_second_per_device": steady_mean(records, "tokens_per_second_per_device"),
         "time_to_first_step_seconds": (min(first_steps) - started_at) if first_steps else None,
         "wall_seconds": time.time() - started_at,
         "restarts": sum(1 for e in events if e.get("event") == "resumed"),
@@ -51,6 +62,9 @@ def finalize_run(
         "final_model": run.final if status == "completed" else None,
         **(extra or {}),
     }
+    mfu = steady_mean(records, "mfu")
+    if mfu is not None:  # only measured on a GPU of a known peak (sft_cluster.train.flops)
+        summary["mfu"] = mfu
     if records and records[-1].get("epoch") is not None:  # train.epochs: how far it got, in epochs
         summary["epochs"] = records[-1]["epoch"]
     if error:

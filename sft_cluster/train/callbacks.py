@@ -27,17 +27,26 @@ class ProgressCallback(TrainerCallback):
         eval_loss: Callable[[], tuple[int, float] | None] = lambda: None,
         epoch_of: Callable[[int], float | None] = lambda step: None,
         data_wait: Callable[[], float] = lambda: 0.0,
+        world_size: int = 1,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
     ):
         """``eval_loss()`` is the latest (step, eval loss), added to that step's record;
         ``epoch_of(step)`` the fractional epoch (``train.epochs`` jobs), added to every record;
         ``data_wait()`` the seconds this rank has waited for its rows so far: each record gets
-        ``data_wait_s``, the mean wait per step since the previous record."""
+        ``data_wait_s``, the mean wait per step since the previous record. Every record gets
+        ``tokens_per_second_per_device`` (the Trainer's token count is over all ``world_size``
+        ranks), and ``mfu`` where both ``flops_per_token`` and the device's ``peak_flops`` are known
+        (``sft_cluster.train.flops``; not on the CPU)."""
         self.metrics = metrics
         self.eval_loss = eval_loss
         self.sink = sink
         self.max_steps = max_steps
         self.epoch_of = epoch_of
         self.data_wait = data_wait
+        self.world_size = world_size
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
         self.first_step_time: float | None = None
         self._last: tuple[float, float] | None = None  # (time, tokens) at the previous log
         self._waited: tuple[int, float] = (0, 0.0)  # (step, data wait so far) at the previous log
@@ -56,9 +65,10 @@ class ProgressCallback(TrainerCallback):
             return
         now = time.time()
         tokens = float(logs.get("num_tokens", 0.0))
-        tokens_per_second = None
+        tokens_per_second = per_device = None
         if self._last is not None and now > self._last[0]:
             tokens_per_second = (tokens - self._last[1]) / (now - self._last[0])
+            per_device = tokens_per_second / self.world_size
         self._last = (now, tokens)
         waited, (last_step, last_wait) = self.data_wait(), self._waited
         self._waited = (state.global_step, waited)
@@ -69,9 +79,14 @@ class ProgressCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens": int(tokens),
             "tokens_per_second": tokens_per_second,
+            "tokens_per_second_per_device": per_device,
             "data_wait_s": round((waited - last_wait) / max(state.global_step - last_step, 1), 6),
             "time": now,
         }
+        if self.flops_per_token and self.peak_flops:  # None in the first record, like the rates
+            record["mfu"] = (
+                self.flops_per_token * per_device / self.peak_flops if per_device is not None else None
+            )
         epoch = self.epoch_of(state.global_step)
         if epoch is not None:
             record["epoch"] = round(epoch, 4)

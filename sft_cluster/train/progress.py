@@ -29,11 +29,13 @@ class LogSink:
             log.info("%s", event)
         elif event["step"] % self.every == 0 or event["step"] == event["max_steps"]:
             epoch = f" epoch {event['epoch']:.2f}" if event.get("epoch") is not None else ""
+            mfu = f" MFU {event['mfu']:.1%}" if event.get("mfu") is not None else ""
             log.info(
-                "step %d/%d%s loss %.4f tokens/s %.0f",
+                "step %d/%d%s loss %.4f tokens/s %.0f%s",
                 event["step"],
                 event["max_steps"],
                 epoch,
                 event.get("loss") or float("nan"),
                 event.get("tokens_per_second") or 0.0,
+                mfu,
             )

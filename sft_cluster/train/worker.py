@@ -29,7 +29,7 @@ from sft_cluster.data.evalset import eval_batches, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
-from sft_cluster.train import collectives, compat, signals, staging, zero_universal
+from sft_cluster.train import collectives, compat, flops, signals, staging, zero_universal
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step, restore_states
 from sft_cluster.train.evaluation import EvalCallback
@@ -263,6 +263,9 @@ def train(parts: Components, resume: Resume) -> Training:
         eval_loss=lambda: evaluator.latest if evaluator else None,
         epoch_of=parts.steps.epoch,
         data_wait=lambda: parts.dataset.wait_s,
+        world_size=parts.world_size,
+        flops_per_token=flops.flops_per_token(parts.model.config, job.data.max_seq_len),
+        peak_flops=_device_peak(parts.args),
     )
     committer = CommitCallback(
         parts.store,
@@ -290,6 +293,17 @@ def train(parts: Components, resume: Resume) -> Training:
     trainer.train(resume_from_checkpoint=str(resume.folder) if resume.folder else None)
     committer.finish()
     return Training(trainer, committer, progress, recorder, metrics)
+
+
+def _device_peak(args: SFTConfig) -> float | None:
+    """Dense peak FLOP/s of this rank's device at the precision the Trainer computes in: None on the
+    CPU, and for fp32 with TF32 off (torch's default), where no tensor-core peak applies."""
+    if args.device.type != "cuda":
+        return None
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if precision == "fp32" and torch.get_float32_matmul_precision() == "highest":
+        return None
+    return flops.peak_flops(torch.cuda.get_device_name(args.device), precision)
 
 
 def _metrics_log(parts: Components, resume_step: int | None) -> JsonlLog | None:

@@ -96,6 +96,12 @@ def test_run_directory_layout(smoke_run):
     for key in ("step", "loss", "learning_rate", "tokens", "tokens_per_second"):
         assert key in records[-1]
     assert records[-1]["tokens"] > records[0]["tokens"] > 0
+    # Two CPU workers: the per-device rate is half the run's, and no MFU (no known peak on a CPU).
+    last = records[-1]
+    assert last["tokens_per_second_per_device"] == pytest.approx(last["tokens_per_second"] / 2)
+    assert not any("mfu" in r for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens_per_second_per_device"] > 0 and "mfu" not in summary
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
