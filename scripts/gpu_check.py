@@ -4,11 +4,10 @@
     bash scripts/gpu_check.sh                # on the GPU machine, repo root, $OUT optional
     python scripts/gpu_check.py run --dry    # anywhere: CPU, gloo, fp32, ddp + lora (the test)
 
-``run``: the tiny model with DDP, FSDP2, ZeRO-2, ZeRO-3 and LoRA under ``torchrun --nproc_per_node
-1``, all at once (tiny runs share the GPU): topology, bf16, finite and falling losses; then each
-resumed from its middle checkpoint (per-step losses and final weights compared bitwise); then
-bench/gpu.py on the ~1B model. ``worker``: what torchrun starts (the worker program with
-deterministic kernels, noting what it used). ``wheels``: what the GPU image lacks.
+``run``: the tiny model with DDP, FSDP2, ZeRO-2, ZeRO-3, LoRA, torch.compile and Liger (both DDP) under
+``torchrun --nproc_per_node 1``, all at once on the GPU: topology, bf16, finite and falling losses; then each
+resumed exactly from its middle checkpoint; then bench/gpu.py on the ~1B model. ``worker``: the worker under
+torchrun, deterministic, noting what it used. ``wheels``: what the GPU image lacks.
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ STRATEGIES = {
     + ["strategy.deepspeed.param_persistence_threshold=0"],
     "lora": ["strategy.lora.r=8", "strategy.lora.target_modules=[q_proj,v_proj]", "strategy.lora.merge=true"]
     + ["train.learning_rate=5.0e-3"],
+    "compile": ["strategy.kind=ddp", "strategy.compile=true"],  # inductor
+    "liger": ["strategy.kind=ddp", "strategy.liger=true"],
 }
 DRY_STRATEGIES = ("ddp", "lora")
 DISTRIBUTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
@@ -224,6 +225,8 @@ def judge_first(name: str, run: Path, code: int | None, dry: bool) -> dict[str, 
         (not note["ray_imported"], "ray was imported under torchrun"),
         (finite, f"losses {trained}"),
         (not finite or trained[-1] < trained[0], f"loss did not fall: {trained[0]} -> {trained[-1]}"),
+        (name != "compile" or report.get("compiled_graphs", 0) > 0, "torch.compile built no graph"),
+        (name != "liger" or "liger-kernel" in note["versions"], "the Trainer never imported liger_kernel"),
     ]
     result["problems"] += [message for ok, message in checks if not ok]
     return result
@@ -307,7 +310,7 @@ def preflight(dry: bool) -> dict[str, Any]:
     import torch
 
     needed = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "deepspeed", "pydantic")
-    others = ("huggingface-hub", "tokenizers", "pyarrow", "fsspec", "flash-attn")
+    others = ("huggingface-hub", "tokenizers", "pyarrow", "fsspec", "flash-attn", "liger-kernel", "triton")
     versions = {name: version_of(name) for name in (*needed, *others)}
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     problems = [f"missing package {name}" for name in needed if versions[name] is None]

@@ -15,6 +15,9 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
 pip_get() { "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "$@"; }
 
 spec=$(HF_HUB_OFFLINE=1 "$PYTHON" scripts/gpu_check.py wheels)
+# strategy.liger's kernels: transformers imports them only in a GPU run, so the CPU venv here neither
+# loads nor has them (py3-none-any; its triton comes with the image's CUDA torch).
+spec+=$'\nliger-kernel 0.8.5 any'
 echo "$spec"
 rm -rf "$DEST"
 mkdir -p "$DEST/any"

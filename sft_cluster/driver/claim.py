@@ -196,6 +196,19 @@ def check_trainable(job: JobSpec) -> None:
         raise DataError("; ".join(problems))
 
 
+def check_kernels(job: JobSpec) -> None:
+    """Refuse (RunRefused) ``strategy.liger`` where liger_kernel cannot be imported. Checked here, on
+    the cluster, since the machine that submits may lack packages the cluster's image has."""
+    from transformers.utils import is_liger_kernel_available
+
+    if job.strategy.liger and not is_liger_kernel_available():
+        raise RunRefused(
+            "strategy.liger = true but the liger_kernel package (0.3.0 or newer) is not installed "
+            "where this run starts (pip install liger-kernel in the cluster's environment, or "
+            "remove strategy.liger)"
+        )
+
+
 def _fits(plan: ShardPlan, job: JobSpec) -> list[str]:
     """Why ``plan`` cannot serve this job (empty: it can)."""
     problems = []
@@ -233,10 +246,11 @@ def ensure_plan(
 
 
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:
-    """Check this start (see ``check_reach`` and ``check_start``; ``nodes``: how many nodes
-    may run its workers), then take the run directory: its plan, the resolved ``job.yaml``
-    (what ``sft-cluster resume`` reads) and ``run.json``."""
+    """Check this start (see ``check_reach``, ``check_kernels`` and ``check_start``; ``nodes``: how
+    many nodes may run its workers), then take the run directory: its plan, the resolved
+    ``job.yaml`` (what ``sft-cluster resume`` reads) and ``run.json``."""
     check_reach(job, nodes)
+    check_kernels(job)
     resuming = check_start(job)
     check_trainable(job)
     plan, split = ensure_plan(job, world_size, notify, resuming=resuming)

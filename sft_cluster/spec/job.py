@@ -181,6 +181,8 @@ class StrategySpec(Strict):
     fsdp: FSDPSpec = Field(default_factory=FSDPSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     lora: LoraSpec | None = None
+    liger: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU): CUDA and liger_kernel
+    compile: bool = False  # torch.compile the model (inductor); the first steps pay for compiling
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategySpec:
@@ -359,6 +361,11 @@ def _strategy_problems(job: JobSpec) -> list[str]:
                 "strategy.fsdp.cpu_offload = true with resources.gpus_per_worker = 0: the "
                 "parameters already live on the CPU (remove strategy.fsdp.cpu_offload)"
             )
+    if on_cpu and strategy.liger:
+        problems.append(
+            "strategy.liger = true with resources.gpus_per_worker = 0: Liger's kernels are Triton "
+            "kernels that need a CUDA GPU (remove strategy.liger, or give the workers GPUs)"
+        )
     lora = strategy.lora
     if lora is not None:
         if strategy.kind == "deepspeed" and strategy.deepspeed.offload_params:

@@ -136,12 +136,18 @@ def _dtensor_share(param: torch.Tensor) -> tuple[int, int]:
     return (param.to_local().numel() if hasattr(param, "to_local") else param.numel()), param.numel()
 
 
-def _full_state_dict(trainer) -> dict[str, torch.Tensor]:
-    """Every rank calls this; the main process gets the whole (gathered) state dict."""
+def _full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """Every rank calls this; the main process gets the whole (gathered) state dict (ZeRO-3 gives the
+    others None), without the ``_orig_mod.`` prefix that accelerate keeps from a torch.compile
+    wrapper (``strategy.compile``)."""
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-        return compat.zero3_full_state_dict(trainer.model_wrapped)
-    return accelerator.get_state_dict(trainer.model_wrapped)
+        state_dict = compat.zero3_full_state_dict(trainer.model_wrapped)
+    else:
+        state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if state_dict is None:
+        return None
+    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
 
 
 def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> None:

@@ -79,4 +79,14 @@ def worker_report(
     }
     if recorder.row_digests is not None:
         report["row_digests"] = recorder.row_digests
+    if trainer.args.torch_compile:
+        report["compiled_graphs"] = compiled_graphs()
     return report
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile built in this process: an OptimizedModule compiles lazily, at its
+    first call, so its class alone does not show that anything was compiled."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

@@ -173,6 +173,11 @@ def plan_strategy(job: JobSpec, world_size: int, precision: str, on_gpu: bool) -
         plan.trainer_args["accelerator_config"] = {"use_configured_state": True}
         plan.env.update(compat.deepspeed_env(on_gpu))
     plan.trainer_args["gradient_checkpointing"] = gradient_checkpointing
+    # transformers' own switches: the Trainer applies Liger's kernels to the model at train() (TRL
+    # keeps its fused LM head, so Liger's fused cross-entropy stays off), and accelerate compiles
+    # the prepared model (with inductor).
+    plan.trainer_args["use_liger_kernel"] = job.strategy.liger
+    plan.trainer_args["torch_compile"] = job.strategy.compile
     return plan
 
 

@@ -78,3 +78,31 @@ def test_torchrun_on_several_nodes_refuses_a_local_output_uri(tmp_path):
     assert "2 nodes can run this job's workers" in console.export_text()
     assert executor.exit_code is None  # no agent was started
     assert not (tmp_path / "run").exists()
+
+
+def test_liger_without_liger_kernel_is_refused_by_the_claim_before_anything_is_written(tmp_path, monkeypatch):
+    """Checked on the cluster (the claim): the submitting machine may lack what its image has."""
+    import transformers.utils
+    from rich.console import Console
+
+    from sft_cluster.driver.run import drive
+    from sft_cluster.driver.torchrun import TorchrunExecutor
+
+    out = tmp_path / "run"
+    job = _job(out, "strategy.liger=true", "resources.gpus_per_worker=1")
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: False)
+    with pytest.raises(RunRefused) as refused:
+        claim_run(job, 2, print)
+    assert str(refused.value) == (
+        "strategy.liger = true but the liger_kernel package (0.3.0 or newer) is not installed where "
+        "this run starts (pip install liger-kernel in the cluster's environment, or remove strategy.liger)"
+    )
+    executor = TorchrunExecutor(tmp_path / "job.yaml", 1, 2, None, "test")
+    console = Console(record=True, width=400)
+    assert drive(job, executor, console)["status"] == "rejected"  # the driver exits 2
+    assert "the liger_kernel package (0.3.0 or newer) is not installed" in console.export_text()
+    assert executor.exit_code is None  # no worker was started
+    assert not out.exists()
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: True)
+    claim_run(job, 2, print)  # where it is installed, the run starts
+    assert (out / "run.json").exists()

@@ -135,13 +135,16 @@ def test_run_refuses_a_remote_cluster_file(tmp_path, isolated_env):
 
 
 def test_strategy_combinations_that_cannot_run_are_rejected_with_the_reason(tmp_path, isolated_env):
-    bad = "strategy: {kind: fsdp, precision: fp16, fsdp: {version: 1, cpu_offload: true}, lora: {r: 8}}\n"
+    bad = "strategy: {kind: fsdp, precision: fp16, fsdp: {version: 1, cpu_offload: true}, lora: {r: 8}, "
+    bad += "liger: true}\n"
     result = run_cli(["validate", _job(tmp_path, VALID + bad)], isolated_env)
     _expect_error(
         result,
         "strategy.precision = 'fp16' with resources.gpus_per_worker = 0: fp16 loss scaling needs a GPU",
         "strategy.fsdp.version = 1 with resources.gpus_per_worker = 0: FSDP1 does not run on CPU",
         "strategy.fsdp.cpu_offload = true with resources.gpus_per_worker = 0",
+        "strategy.liger = true with resources.gpus_per_worker = 0: Liger's kernels are Triton kernels "
+        "that need a CUDA GPU (remove strategy.liger, or give the workers GPUs)",
         "strategy.lora.merge = false with model.from_config = true",
     )
     zero3_offload = (

@@ -190,6 +190,12 @@ def test_job_mistake_gives_one_exact_line(in_tmp: Path, old: str, new: str, line
             "or remove the strategy.deepspeed block)",
         ),
         (
+            "strategy: {liger: true}",
+            "strategy.liger = true with resources.gpus_per_worker = 0: Liger's kernels are Triton "
+            "kernels that need a CUDA GPU (remove strategy.liger, or give the workers GPUs)",
+        ),
+        ("strategy: {compile: fast}", "strategy.compile = 'fast': expected true or false"),
+        (
             "strategy: {kind: deepspeed, deepspeed: {offload_params: true}}",
             "strategy.deepspeed.offload_params: true requires strategy.deepspeed.stage: 3 "
             "(got stage 2; only ZeRO-3 partitions the parameters)",
@@ -225,6 +231,13 @@ def test_three_mistakes_three_lines(in_tmp: Path) -> None:
         "error: jobs/smoke.yaml: train.learning_rate = -0.1: must be greater than 0",
         "error: jobs/smoke.yaml: unknown key 'train.seeed' (did you mean 'train.seed'?)",
     ]
+
+
+def test_compile_runs_anywhere_and_liger_on_gpu_workers(in_tmp: Path) -> None:
+    job = load_job(write(MINIMAL + "strategy: {compile: true}\n"))
+    assert job.strategy.compile and not job.strategy.liger
+    job = load_job(write(MINIMAL + "strategy: {liger: true}\nresources: {gpus_per_worker: 1}\n"))
+    assert job.strategy.liger
 
 
 def test_default_strategy_blocks_with_another_kind_are_fine(in_tmp: Path) -> None:

@@ -63,7 +63,11 @@ def test_fsdp2_wraps_the_models_decoder_layer_and_owns_activation_checkpointing(
 def test_ddp_needs_no_plugin_and_auto_precision_is_fp32_on_cpu():
     record = describe_strategy(_job())
     assert record["kind"] == "ddp" and record["deepspeed"] is None
-    assert record["accelerate"] == {"gradient_checkpointing": False}
+    assert record["accelerate"] == {
+        "gradient_checkpointing": False,
+        "use_liger_kernel": False,
+        "torch_compile": False,
+    }
     gpu = describe_strategy(
         _job("strategy.kind=deepspeed", "strategy.precision=auto", "resources.gpus_per_worker=1")
     )
