@@ -1,7 +1,8 @@
 """Reading one unit of a plan lazily, so a rank's memory is bounded by a unit, not by an object.
 
-- Uncompressed JSONL byte range: the lines it owns (the Hadoop rule), loaded as a list
-  and shuffled whole, as plans have always been read (a resumed run replays the same order).
+- Uncompressed JSONL byte range: the lines it owns (the Hadoop rule), read as one ``bytes``
+  with the lines' offsets, and shuffled whole by position, in the order plans have always
+  been read in (a resumed run replays the same order).
 - Parquet byte range: the row groups whose first byte lies in it (the Spark rule), read
   one row group at a time; the row groups' order is shuffled, then the rows of each
   (a compressed Parquet object is one unit and keeps its row groups in file order).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
     "SHUFFLE_BUFFER_BYTES",
     "SHUFFLE_BUFFER_RECORDS",
     "apply_cuts",
+    "RangeLines",
+    "range_lines",
     "read_lines",
     "read_unit",
     "shuffle_buffer",
@@ -49,36 +53,75 @@ _READ_BLOCK = 1 << 20
 Records = Iterator[tuple[int, Any]]
 
 
+class RangeLines:
+    """The non-blank lines a byte range owns, held as the one ``bytes`` read and their offsets.
+
+    A 32 MiB range is 32 MiB here, not a list of a hundred thousand ``bytes`` objects
+    (plus the copies a join and a split make), so a rank's memory is one range's bytes.
+    ``first`` is the offset in the object of the first owned line; ``numbers[k]`` is
+    line k's index from it, blank lines counted (what names a bad line).
+    """
+
+    def __init__(self, blob: bytes, first: int, numbers: array, starts: array, ends: array):
+        self.blob, self.first, self.numbers, self.starts, self.ends = blob, first, numbers, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, k: int) -> tuple[int, bytes]:
+        return self.numbers[k], self.blob[self.starts[k] : self.ends[k]]
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        return (self[k] for k in range(len(self)))
+
+
+def _range_bytes(fs: AbstractFileSystem, path: str, start: int, end: int, size: int) -> tuple[int, bytes]:
+    """(begin, the bytes from ``begin`` to the end of the line holding byte ``end - 1``) in one read:
+    the byte before ``start`` tells whether a line starts at ``start``, and the tail past ``end`` is
+    found first (small reads), so the range is read once and never joined."""
+    begin = max(start - 1, 0)
+    stop = end
+    while stop < size:  # the line holding byte stop - 1 goes on past ``end``?
+        probe = fs.cat_file(path, start=stop - 1, end=min(stop - 1 + _READ_BLOCK, size))
+        cut = probe.find(b"\n")
+        if cut >= 0:
+            stop += cut
+            break
+        stop = min(stop - 1 + _READ_BLOCK, size)
+    return begin, fs.cat_file(path, start=begin, end=stop)
+
+
+def range_lines(fs: AbstractFileSystem, path: str, start: int, end: int, size: int) -> RangeLines:
+    """The lines a byte range [start, end) owns: those whose first byte lies in it (the partial line
+    at ``start`` belongs to the previous range unless start == 0; the last line is read past
+    ``end``). Ranged reads (``cat_file``), so no read-ahead cache holds a second copy."""
+    begin, blob = _range_bytes(fs, path, start, end, size)
+    numbers, starts, ends = array("q"), array("q"), array("q")
+    position = 0
+    if start > 0:
+        cut = blob.find(b"\n")
+        if cut < 0 or begin + cut + 1 >= end:
+            return RangeLines(b"", begin + cut + 1 if cut >= 0 else begin, numbers, starts, ends)
+        position = cut + 1
+    first, index = begin + position, 0
+    while position < len(blob):
+        cut = blob.find(b"\n", position)
+        stop = len(blob) if cut < 0 else cut
+        if blob[position:stop].strip():
+            numbers.append(index)
+            starts.append(position)
+            ends.append(stop)
+        index += 1
+        position = stop + 1
+    return RangeLines(blob, first, numbers, starts, ends)
+
+
 def read_lines(
     fs: AbstractFileSystem, path: str, start: int, end: int, size: int
 ) -> tuple[int, list[tuple[int, bytes]]]:
-    """The lines a byte range [start, end) owns: those whose first byte lies in it.
-
-    Returns the offset of the first owned line and (line index from it, line)
-    for each non-blank line. The partial line at ``start`` belongs to the
-    previous range (unless start == 0); the last line is read past ``end``.
-    Ranged reads (``cat_file``), so no read-ahead cache holds a second copy.
-    """
-    begin = max(start - 1, 0)  # the byte before ``start`` tells whether a line starts at ``start``
-    parts = [fs.cat_file(path, start=begin, end=end)]
-    position = end
-    while not parts[-1].endswith(b"\n") and position < size:
-        more = fs.cat_file(path, start=position, end=min(position + _READ_BLOCK, size))
-        if not more:
-            break
-        position += len(more)
-        cut = more.find(b"\n")
-        parts.append(more if cut < 0 else more[: cut + 1])
-        if cut >= 0:
-            break
-    lines = b"".join(parts).split(b"\n")
-    first = 0
-    if start > 0:
-        first = begin + len(lines[0]) + 1
-        if len(lines) == 1 or first >= end:
-            return first, []
-        lines = lines[1:]
-    return first, [(index, line) for index, line in enumerate(lines) if line.strip()]
+    """``range_lines`` as (offset of the first owned line, [(line index from it, line), ...])."""
+    lines = range_lines(fs, path, start, end, size)
+    return lines.first, list(lines)
 
 
 class _LineNamer:
@@ -165,8 +208,17 @@ def read_unit(
             records = shuffle_buffer(records, seed, SHUFFLE_BUFFER_RECORDS, SHUFFLE_BUFFER_BYTES)
         return records, locate
     fs, path = storage.filesystem(obj.uri, options)
-    first, lines = read_lines(fs, path, unit.start, unit.end, obj.size)
-    return _shuffled(_strided(lines, unit), seed), _LineNamer(fs, path, obj.uri, first)
+    lines = range_lines(fs, path, unit.start, unit.end, obj.size)
+    return _range_records(lines, unit, seed), _LineNamer(fs, path, obj.uri, lines.first)
+
+
+def _range_records(lines: RangeLines, unit: Unit, seed: int | None) -> Records:
+    """The rank-slot's lines of a range, shuffled whole by their positions: the order a list of the
+    lines themselves shuffled with the same seed has (``random.shuffle`` moves by length alone)."""
+    picks = array("q", range(unit.offset, len(lines), unit.stride))
+    if seed is not None:
+        random.Random(seed).shuffle(picks)
+    return (lines[k] for k in picks)
 
 
 def _strided(records: Iterable[tuple[int, Any]], unit: Unit) -> Iterator[tuple[int, Any]]:
