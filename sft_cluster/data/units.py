@@ -49,6 +49,7 @@ SHUFFLE_BUFFER_BYTES = 16 << 20
 # Parquet rows become dicts this many at a time, so a row group stays Arrow until handed out.
 _ROWS_PER_CONVERSION = 256
 _READ_BLOCK = 1 << 20
+_RANGE_PIECE = 4 << 20  # a byte range is read in ranged GETs of this size
 
 Records = Iterator[tuple[int, Any]]
 
@@ -57,28 +58,29 @@ class RangeLines:
     """The non-blank lines a byte range owns, held as the one ``bytes`` read and their offsets.
 
     A 32 MiB range is 32 MiB here, not a list of a hundred thousand ``bytes`` objects
-    (plus the copies a join and a split make), so a rank's memory is one range's bytes.
+    (plus the copies a join and a split make, and a whole-range read's own copy), so a
+    rank's memory is one range's bytes.
     ``first`` is the offset in the object of the first owned line; ``numbers[k]`` is
     line k's index from it, blank lines counted (what names a bad line).
     """
 
-    def __init__(self, blob: bytes, first: int, numbers: array, starts: array, ends: array):
+    def __init__(self, blob: bytes | bytearray, first: int, numbers: array, starts: array, ends: array):
         self.blob, self.first, self.numbers, self.starts, self.ends = blob, first, numbers, starts, ends
 
     def __len__(self) -> int:
         return len(self.numbers)
 
     def __getitem__(self, k: int) -> tuple[int, bytes]:
-        return self.numbers[k], self.blob[self.starts[k] : self.ends[k]]
+        return self.numbers[k], bytes(self.blob[self.starts[k] : self.ends[k]])
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         return (self[k] for k in range(len(self)))
 
 
-def _range_bytes(fs: AbstractFileSystem, path: str, start: int, end: int, size: int) -> tuple[int, bytes]:
-    """(begin, the bytes from ``begin`` to the end of the line holding byte ``end - 1``) in one read:
-    the byte before ``start`` tells whether a line starts at ``start``, and the tail past ``end`` is
-    found first (small reads), so the range is read once and never joined."""
+def _range_bytes(fs: AbstractFileSystem, path: str, start: int, end: int, size: int) -> tuple[int, bytearray]:
+    """(begin, the bytes from ``begin`` to the end of the line holding byte ``end - 1``): the byte
+    before ``start`` tells whether a line starts at ``start``, and the tail past ``end`` is found
+    first (small reads), so the range is read once, in pieces, into one buffer."""
     begin = max(start - 1, 0)
     stop = end
     while stop < size:  # the line holding byte stop - 1 goes on past ``end``?
@@ -88,7 +90,12 @@ def _range_bytes(fs: AbstractFileSystem, path: str, start: int, end: int, size: 
             stop += cut
             break
         stop = min(stop - 1 + _READ_BLOCK, size)
-    return begin, fs.cat_file(path, start=begin, end=stop)
+    # In pieces into one buffer: a whole-range read holds the response and its copy at once.
+    blob = bytearray(stop - begin)
+    for at in range(begin, stop, _RANGE_PIECE):
+        piece = fs.cat_file(path, start=at, end=min(at + _RANGE_PIECE, stop))
+        blob[at - begin : at - begin + len(piece)] = piece
+    return begin, blob
 
 
 def range_lines(fs: AbstractFileSystem, path: str, start: int, end: int, size: int) -> RangeLines:
