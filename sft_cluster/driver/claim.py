@@ -199,9 +199,11 @@ def check_trainable(job: JobSpec) -> None:
 def check_kernels(job: JobSpec) -> None:
     """Refuse (RunRefused) ``strategy.liger`` where liger_kernel cannot be imported. Checked here, on
     the cluster, since the machine that submits may lack packages the cluster's image has."""
+    if not job.strategy.liger:
+        return  # importing transformers costs about a second of every start
     from transformers.utils import is_liger_kernel_available
 
-    if job.strategy.liger and not is_liger_kernel_available():
+    if not is_liger_kernel_available():
         raise RunRefused(
             "strategy.liger = true but the liger_kernel package (0.3.0 or newer) is not installed "
             "where this run starts (pip install liger-kernel in the cluster's environment, or "
