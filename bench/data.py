@@ -103,7 +103,12 @@ def child_ours(prefix: str, endpoint: str, work: Path, resume_batches: int | Non
 
     encoder = ChatEncoder(load_tokenizer(ModelSpec(name_or_path="builtin:tiny-llama")), "builtin:tiny-llama")
     data = DataSpec.model_validate(
-        {"sources": [{"uri": prefix}], "max_seq_len": MAX_SEQ_LEN, "truncation": "truncate"}
+        {
+            "sources": [{"uri": prefix}],
+            "max_seq_len": MAX_SEQ_LEN,
+            "truncation": "truncate",
+            "prefetch_rows": 0,  # in the step: the epoch's time is one process's tokenize+pack time
+        }
     )
     store = StorageSpec(endpoint_url=endpoint)
     started = time.perf_counter()
@@ -114,7 +119,6 @@ def child_ours(prefix: str, endpoint: str, work: Path, resume_batches: int | Non
         batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH)))
         return {"resume_s": time.perf_counter() - started, "digest": _digest(batch)}
     plan = build_plan(data, store, world_size=1, seed=42)
-    # In the step (prefetch_rows 0): the epoch's time is the tokenize+pack time of one process.
     dataset = PackedDataset(plan, 0, data, store, encoder)
     first = None
     digests = []

@@ -63,7 +63,7 @@ def child(args: argparse.Namespace) -> dict:
     )
     store = StorageSpec()
     plan = build_plan(data, store, world_size=1, seed=42)
-    dataset = PackedDataset(plan, 0, data, store, encoder, prefetch_rows=args.prefetch)
+    dataset = PackedDataset(plan, 0, data, store, encoder)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro, collate_fn=collate_rows))
     step_s = args.micro * args.seq / args.rate
     waits, started = [], time.perf_counter()

@@ -10,6 +10,7 @@ an exception in the producer is raised in the consumer, as it would have been.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,11 @@ __all__ = ["Prefetcher"]
 T = TypeVar("T")
 
 _POLL_S = 0.1  # how often a blocked producer checks whether it was closed
+# How long closing waits for the item being made; a producer stuck past it (a storage read that
+# never returns) is left behind as a daemon thread rather than holding up the end of training.
+_JOIN_S = 60.0
+
+log = logging.getLogger("sft_cluster.data")
 _END = object()
 
 
@@ -76,5 +82,8 @@ class Prefetcher(Generic[T]):
     def close(self) -> None:
         """Stop the producer and wait for it (it finishes the item it is making first)."""
         self._closed.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._thread is threading.current_thread():
+            return
+        self._thread.join(_JOIN_S)
+        if self._thread.is_alive():
+            log.warning("the data prefetch thread did not stop within %g s; leaving it behind", _JOIN_S)

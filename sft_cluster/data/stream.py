@@ -199,7 +199,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
     No attention mask: with ``position_ids`` and no mask (and no cache)
     transformers keeps the packed sequences apart. Iterate it in the training
     process (DataLoader ``num_workers=0``): the cursor lives in this object.
-    With ``prefetch_rows`` > 0 a thread reads, tokenizes and packs up to that many
+    With ``data.prefetch_rows`` > 0 a thread reads, tokenizes and packs up to that many
     rows ahead of the consumer (``sft_cluster.data.prefetch``), the same rows in the
     same order; ``wait_s`` is the time the consumer waited for rows either way.
     Stateful: ``state_dict()`` is the cursor after every row handed to the consumer,
@@ -217,12 +217,11 @@ class PackedDataset(torch.utils.data.IterableDataset):
         state: dict[str, Any] | None = None,
         window_rows: int = WINDOW_ROWS,
         keep: Callable[[Any], bool] | None = None,
-        prefetch_rows: int = 0,
     ):
         self._make = partial(
             PackedRowStream, plan, rank, data, store, encoder, window_rows=window_rows, keep=keep
         )
-        self.prefetch_rows = prefetch_rows
+        self.prefetch_rows = data.prefetch_rows
         self.wait_s = 0.0  # seconds the consumer waited for rows, over every pass
         self._prefetcher: Prefetcher[dict[str, torch.Tensor]] | None = None
         self._start(state)

@@ -141,7 +141,6 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
         job.storage,
         encoder,
         keep=train_filter(job.data),
-        prefetch_rows=job.data.prefetch_rows,
     )
     return Components(
         job=job,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sft_cluster.data import DataError, build_plan
+from sft_cluster.data import prefetch as prefetch_module
 from sft_cluster.data.prefetch import Prefetcher
 from sft_cluster.data.stream import PackedDataset
 from tests.unit.test_data_plan import STORE, FakeEncoder, record, spec, write_corpus
@@ -30,7 +31,8 @@ def corpus(tmp_path):
 
 def _dataset(corpus, prefetch: int, state=None) -> PackedDataset:
     data, plan = corpus
-    return PackedDataset(plan, 1, data, STORE, FakeEncoder(), state, window_rows=3, prefetch_rows=prefetch)
+    data = data.model_copy(update={"prefetch_rows": prefetch})
+    return PackedDataset(plan, 1, data, STORE, FakeEncoder(), state, window_rows=3)
 
 
 @pytest.mark.parametrize("consumed", [0, 5, 9, 17])
@@ -78,8 +80,8 @@ def test_a_bad_record_is_raised_in_the_consumer_with_its_line(tmp_path):
     lines = [json.dumps(record(i)) for i in range(30)]
     lines[20] = "{not json"
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    data = spec((str(tmp_path / "bad.jsonl"), 1.0))
-    dataset = PackedDataset(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeEncoder(), prefetch_rows=2)
+    data = spec((str(tmp_path / "bad.jsonl"), 1.0)).model_copy(update={"prefetch_rows": 2})
+    dataset = PackedDataset(build_plan(data, STORE, 1, 0), 0, data, STORE, FakeEncoder())
     with pytest.raises(DataError, match=r"bad\.jsonl:21: malformed JSON"):
         for _ in range(100):
             next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
@@ -105,6 +107,25 @@ def test_a_prefetcher_keeps_order_and_refuses_no_depth():
         Prefetcher(iter(()), depth=0)
 
 
+def test_closing_leaves_a_stuck_producer_behind_with_a_warning(monkeypatch, caplog):
+    """A storage read that never returns must not hold up the end of training."""
+    monkeypatch.setattr(prefetch_module, "_JOIN_S", 0.2)
+    release = threading.Event()
+
+    def stuck():
+        yield 1
+        release.wait()  # the read that never returns
+        yield 2
+
+    ahead = Prefetcher(stuck(), depth=2)
+    assert next(ahead) == 1
+    started = time.monotonic()
+    ahead.close()
+    assert time.monotonic() - started < 5
+    assert "did not stop within 0.2 s" in caplog.text
+    release.set()
+
+
 class SlowEncoder(FakeEncoder):
     """Slow enough that the consumer catches up with the producer in the middle of a window."""
 
@@ -117,7 +138,9 @@ def test_every_cursor_under_prefetch_is_the_synchronous_cursor(corpus):
     """Window boundaries included: there the cursor is the saved state of the last packed window,
     never the state of the window the producer is packing at that moment."""
     data, plan = corpus
-    ahead = PackedDataset(plan, 1, data, STORE, SlowEncoder(), window_rows=3, prefetch_rows=1)
+    ahead = PackedDataset(
+        plan, 1, data.model_copy(update={"prefetch_rows": 1}), STORE, SlowEncoder(), window_rows=3
+    )
     rows = iter(ahead)
     at_boundary = 0
     for consumed in range(40):
