@@ -25,10 +25,16 @@ from sft_cluster.spec import SpecError, load_cluster
 
 if TYPE_CHECKING:
     from sft_cluster.launch import Backend, Submission
+    from sft_cluster.spec import JobSpec
 
 
 def submit_or_dry_run(
-    job_path: Path, overrides: list[str] | None, cluster: Path | None, kind: str, dry_run: bool
+    job_path: Path,
+    overrides: list[str] | None,
+    cluster: Path | None,
+    kind: str,
+    dry_run: bool,
+    checks: bool = True,
 ) -> Submission | None:
     """``submit``/``sbatch``: the submission, remembered here; None for a dry run (printed)."""
     from sft_cluster.launch import LaunchError, get_backend, registry
@@ -45,6 +51,8 @@ def submit_or_dry_run(
         if dry_run:
             show(request)
             return None
+        if checks:
+            _check_before_sending(backend, job)
         submission = backend.launch(request)
     except LaunchError as exc:
         fail([str(exc)])
@@ -53,7 +61,27 @@ def submit_or_dry_run(
     return submission
 
 
+def _check_before_sending(backend: Backend, job: JobSpec) -> None:
+    """``doctor``'s fast checks (the cluster answers, versions agree, the output folder takes a
+    write): a submission that would fail on one of them is not sent (exit 2)."""
+    from sft_cluster.launch.probes import SUBMIT_CHECKS, diagnose
+
+    checks = (check for check in diagnose(backend, job, deep=False) if check.name in SUBMIT_CHECKS)
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        lines = [f"{check.detail}" + (f" (fix: {check.fix})" if check.fix else "") for check in failed]
+        fail([*lines, "nothing was submitted ('sft-cluster doctor' runs every check)"])
+
+
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would be submitted; submit nothing.")]
+ChecksOpt = Annotated[
+    bool,
+    typer.Option(
+        "--checks/--no-checks",
+        help="Before sending, check that the cluster answers, versions agree and output_uri takes a "
+        "write from here (--no-checks: where only the cluster holds the output's credentials).",
+    ),
+]
 
 
 @app.command()
@@ -63,19 +91,24 @@ def submit(
     cluster: ClusterOpt = None,
     dry_run: DryRunOpt = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream logs until the job ends.")] = False,
+    checks: ChecksOpt = True,
 ) -> None:
     """Submit to a Ray cluster as a Ray Job."""
-    submission = submit_or_dry_run(job_path, overrides, cluster, "ray", dry_run)
+    submission = submit_or_dry_run(job_path, overrides, cluster, "ray", dry_run, checks)
     if submission is not None and follow:
         _follow_to_end(submission.id, cluster)
 
 
 @app.command()
 def sbatch(
-    job_path: JobArg, overrides: OverridesArg = None, cluster: ClusterOpt = None, dry_run: DryRunOpt = False
+    job_path: JobArg,
+    overrides: OverridesArg = None,
+    cluster: ClusterOpt = None,
+    dry_run: DryRunOpt = False,
+    checks: ChecksOpt = True,
 ) -> None:
     """Submit to Slurm with sbatch."""
-    submit_or_dry_run(job_path, overrides, cluster, "slurm", dry_run)
+    submit_or_dry_run(job_path, overrides, cluster, "slurm", dry_run, checks)
 
 
 IdArg = Annotated[str, typer.Argument(help="Job id printed by submit/sbatch.", show_default=False)]

@@ -132,6 +132,31 @@ def test_dry_run_prints_request_and_submits_nothing(work, ray_head: RayHead):  #
     assert not (tmp / "dry").exists()
 
 
+def test_doctor_checks_the_cluster_with_a_probe_job(work, ray_head: RayHead):  # noqa: F811
+    """Versions and staging space come from a probe that ran on the cluster as a Ray Job; the
+    resources from the head's node list (2 CPUs: 2 workers fit, 4 do not)."""
+    from ray.job_submission import JobSubmissionClient
+
+    _, cluster, env = work
+    result = run_cli(["doctor", *SMOKE, "--cluster", str(cluster)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")}
+    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "output", "data"]
+    assert "Ray 2." in lines["cluster"] and "1 nodes alive" in lines["cluster"]
+    assert "2 CPUs" in lines["resources"]
+    assert "on a Ray node: ray 2." in lines["versions"] and "torch 2." in lines["versions"]
+    assert "a path on the cluster, checked when it starts" in lines["output"]
+    probes = [
+        j
+        for j in JobSubmissionClient(ray_head.address).list_jobs()
+        if j.submission_id.startswith("sftc-doctor-")
+    ]
+    assert [j.status.value for j in probes] == ["SUCCEEDED"]
+    too_many = run_cli(["doctor", *SMOKE, "resources.num_workers=4", "--cluster", str(cluster)], env)
+    assert too_many.returncode == 2
+    assert "FAIL resources  2 CPUs, 0 GPUs; the job needs 4 CPUs" in too_many.stdout
+
+
 def test_submit_follow_succeeds(smoke, s3_server):  # noqa: F811
     result, bucket = smoke
     text = _ok(result)
@@ -189,7 +214,12 @@ def test_unreachable_address(work, tmp_path):
     (port,) = free_ports(1)
     cluster = tmp_path / "gone.yaml"
     cluster.write_text(f"kind: ray\naddress: http://127.0.0.1:{port}\n")
-    _user_error(run_cli(["submit", *SMOKE, "--cluster", str(cluster)], env), "cannot reach", str(port))
+    checked = run_cli(["submit", *SMOKE, "--cluster", str(cluster)], env)
+    checked = _user_error(checked, "cannot reach", str(port))
+    assert "nothing was submitted ('sft-cluster doctor' runs every check)" in checked
+    # Without the checks the submission itself finds the same.
+    unchecked = run_cli(["submit", *SMOKE, "--no-checks", "--cluster", str(cluster)], env)
+    assert "nothing was submitted" not in _user_error(unchecked, "cannot reach", str(port))
     _user_error(run_cli(["list", "--cluster", str(cluster)], env), "cannot reach")
 
 
@@ -296,6 +326,10 @@ class TestTokenAuth:
         no_auth = self._cluster(ray_token_head, tmp_path)
         _user_error(run_cli(["list", "--cluster", str(no_auth)], env), "requires a token")
         _user_error(run_cli(["submit", *SMOKE, "--cluster", str(no_auth)], env), "requires a token")
+        doctor = run_cli(["doctor", *SMOKE, "--cluster", str(no_auth)], env)
+        assert (
+            doctor.returncode == 2 and "FAIL cluster" in doctor.stdout and "requires a token" in doctor.stdout
+        )
         with_auth = self._cluster(ray_token_head, tmp_path, mode="token")
         _user_error(run_cli(["list", "--cluster", str(with_auth)], env), "$RAY_AUTH_TOKEN is not set")
         wrong = {**env, "RAY_AUTH_TOKEN": "0" * 32}

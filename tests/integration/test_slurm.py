@@ -321,7 +321,24 @@ def test_rejected_submission_is_a_clear_error(slurm: SlurmHarness) -> None:
     cluster.write_text("kind: slurm\npartition: nosuch\n")
     result = run_cli(["sbatch", *JOB, "--cluster", str(cluster), f"output_uri={slurm.tmp}/bad"], slurm.env)
     assert result.returncode == 2
-    assert "sbatch rejected" in result.stderr and "invalid partition" in result.stderr.lower()
+    # Caught by doctor's fast checks before anything is sent.
+    assert result.stderr.startswith("error: no partition nosuch (partitions: debug")
+    assert "nothing was submitted" in result.stderr
+
+
+def test_doctor_probes_a_node_with_one_short_job(slurm: SlurmHarness) -> None:
+    result = run_cli(["doctor", *JOB, "--cluster", LOCAL, f"output_uri={slurm.tmp}/doctor"], slurm.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")}
+    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "output", "data"]
+    assert "Slurm partition debug: up" in lines["cluster"]
+    assert "on a node of partition debug: ray 2." in lines["versions"]
+    bad = slurm.tmp / "doctor-bad-partition.yaml"
+    bad.write_text("kind: slurm\npartition: nosuch\n")
+    failed = run_cli(["doctor", *JOB, "--cluster", str(bad), f"output_uri={slurm.tmp}/doctor"], slurm.env)
+    assert failed.returncode == 2
+    assert "FAIL cluster" in failed.stdout and "fix: set partition in" in failed.stdout
+    assert not (slurm.tmp / "doctor").exists()
 
 
 def test_an_elastic_job_requeued_onto_fewer_nodes_resumes_at_the_size_it_got(slurm: SlurmHarness) -> None:
