@@ -204,7 +204,10 @@ class StrategySpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    every_n_steps: int | None = Field(None, gt=0)  # None: only the final checkpoint
+    # None: only the final checkpoint; auto: Daly's optimum from the measured step time and
+    # checkpoint stall and mttf_hours (sft_cluster.train.interval).
+    every_n_steps: int | Literal["auto"] | None = None
+    mttf_hours: float | None = Field(None, gt=0)  # the job's mean time between failures
     keep_last: int = Field(2, ge=1)
     keep_every_n_steps: int | None = Field(None, gt=0)
     resume: Literal["auto", "never"] = "auto"
@@ -213,6 +216,28 @@ class CheckpointSpec(Strict):
     preemption_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"]
     )
+
+    @field_validator("every_n_steps", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, value: Any) -> Any:
+        """One plain message instead of one per member of the union."""
+        if value is None or value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError("must be a positive number of steps, or auto (with checkpoint.mttf_hours)")
+
+    @model_validator(mode="after")
+    def _auto_needs_mttf(self) -> CheckpointSpec:
+        if self.every_n_steps == "auto" and self.mttf_hours is None:
+            raise rule_error(
+                "checkpoint.every_n_steps = auto needs checkpoint.mttf_hours, the job's mean time "
+                "between failures in hours (e.g. 24), to weigh checkpoint stalls against lost work"
+            )
+        if self.mttf_hours is not None and self.every_n_steps != "auto":
+            raise rule_error(
+                f"checkpoint.mttf_hours = {self.mttf_hours:g} is used only with checkpoint.every_n_steps = "
+                "auto (set that, or remove checkpoint.mttf_hours)"
+            )
+        return self
 
 
 class WorkerRange(Strict):

@@ -55,8 +55,10 @@ def set_steps(args: SFTConfig, job: JobSpec, max_steps: int) -> None:
     gets over the process group that the SFTConfig sets up. The Trainer reads both fields only in
     ``train()``, where ``max_steps`` sizes the learning-rate schedule (and DeepSpeed's)."""
     args.max_steps = max_steps
-    # Without every_n_steps only the final step is saved (and preemption saves).
-    args.save_steps = job.checkpoint.every_n_steps or max_steps
+    # Without every_n_steps only the final step is saved (and preemption saves); with auto,
+    # sft_cluster.train.interval asks for the others.
+    every = job.checkpoint.every_n_steps
+    args.save_steps = every if isinstance(every, int) else max_steps
 
 
 class StreamingSFTTrainer(compat.StopAtMaxSteps, SFTTrainer):

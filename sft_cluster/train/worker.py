@@ -33,6 +33,7 @@ from sft_cluster.train import collectives, compat, flops, signals, staging, zero
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step, restore_states
 from sft_cluster.train.evaluation import EvalCallback
+from sft_cluster.train.interval import AutoInterval
 from sft_cluster.train.model import build_model, load_chat, save_final_model
 from sft_cluster.train.plans import eval_plan, prepared_plan
 from sft_cluster.train.progress import LogSink, ProgressSink
@@ -279,7 +280,9 @@ def train(parts: Components, resume: Resume) -> Training:
         verify_fast=parts.verify_fast,
     )
     recorder = RecordingCollator(collate_rows)
-    callbacks = [c for c in (evaluator, progress, committer) if c is not None] + list(parts.states.values())
+    interval = _auto_interval(parts) if job.checkpoint.every_n_steps == "auto" else None
+    callbacks = [c for c in (evaluator, progress, committer, interval) if c is not None]
+    callbacks += list(parts.states.values())
     trainer = streaming_trainer(
         parts.model, parts.args, parts.dataset, recorder, parts.encoder, parts.strategy, callbacks
     )
@@ -292,6 +295,13 @@ def train(parts: Components, resume: Resume) -> Training:
     trainer.train(resume_from_checkpoint=str(resume.folder) if resume.folder else None)
     committer.finish()
     return Training(trainer, committer, progress, recorder, metrics)
+
+
+def _auto_interval(parts: Components) -> AutoInterval:
+    """``checkpoint.every_n_steps: auto``: warm-up is 5% of the steps (3 to 50), then one measuring save."""
+    warm_up = min(50, parts.steps.max_steps // 20)
+    notify = _notifier(parts.sink) if parts.rank == 0 else (lambda message: None)
+    return AutoInterval(parts.job.checkpoint.mttf_hours, warm_up, notify)
 
 
 def _device_peak(args: SFTConfig) -> float | None:
