@@ -4,7 +4,7 @@
 """
 
 # Imported in the order `sft-cluster --help` lists them; each registers its commands on `app`.
-from sft_cluster.cli import local, remote, data, doctor  # noqa: F401, I001
+from sft_cluster.cli import local, remote, data, doctor, report  # noqa: F401, I001
 from sft_cluster.cli.app import app, main
 
 __all__ = ["app", "main"]

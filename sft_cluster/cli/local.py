@@ -141,6 +141,10 @@ def _print_summary(summary: dict) -> None:
     table.add_row("tokens/s", fmt(summary["tokens_per_second"], ",.0f"))
     table.add_row("first step after", f"{fmt(summary['time_to_first_step_seconds'], '.1f')} s")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+    if summary.get("time_split"):
+        from sft_cluster.tracking.goodput import describe_split
+
+        table.add_row("goodput", describe_split(summary["time_split"]))
     table.add_row("restarts", str(summary["restarts"]))
     table.add_row("run directory", summary["output_uri"])
     if summary.get("final_model"):

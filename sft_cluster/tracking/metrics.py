@@ -35,11 +35,14 @@ class JsonlLog:
                 self._path.write_text(storage.read_text(uri, self.options))
             self._remote = True
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: a resumed run redoes those steps and logs them again."""
-        kept = [r for r in read_jsonl_file(self._path) if r.get("step", 0) <= step]
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Drop records past ``step`` (a resumed run redoes those steps and logs them again); the
+        records dropped, the work the restart lost."""
+        records = read_jsonl_file(self._path)
+        kept = [r for r in records if r.get("step", 0) <= step]
         self._path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self.sync()
+        return [r for r in records if r.get("step", 0) > step]
 
     def append(self, record: dict[str, Any]) -> None:
         with self._path.open("a", encoding="utf-8") as handle:

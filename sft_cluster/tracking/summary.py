@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sft_cluster.tracking.goodput import time_split
 from sft_cluster.tracking.metrics import read_jsonl
 from sft_cluster.tracking.plot import plot_loss
 from sft_cluster.tracking.rundir import RunDir
@@ -43,6 +44,8 @@ def finalize_run(
     reports = run.worker_reports()
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     first_steps = [r["first_step_at"] for r in reports if r.get("first_step_at")]
+    ended_at = time.time()
+    split = time_split(records, events, started_at, ended_at)
     summary: dict[str, Any] = {
         "name": name,
         "status": status,
@@ -55,7 +58,9 @@ def finalize_run(
         "tokens_per_second": steady_tokens_per_second(records),
         "tokens_per_second_per_device": steady_mean(records, "tokens_per_second_per_device"),
         "time_to_first_step_seconds": (min(first_steps) - started_at) if first_steps else None,
-        "wall_seconds": time.time() - started_at,
+        "wall_seconds": ended_at - started_at,
+        "goodput": split["goodput"],
+        "time_split": split,
         "restarts": sum(1 for e in events if e.get("event") == "resumed"),
         "resumed_from": [e["step"] for e in events if e.get("event") == "resumed"],
         "output_uri": run.uri,

@@ -37,7 +37,9 @@ class ProgressCallback(TrainerCallback):
         ``data_wait_s``, the mean wait per step since the previous record. Every record gets
         ``tokens_per_second_per_device`` (the Trainer's token count is over all ``world_size``
         ranks), and ``mfu`` where both ``flops_per_token`` and the device's ``peak_flops`` are known
-        (``sft_cluster.train.flops``; not on the CPU)."""
+        (``sft_cluster.train.flops``; not on the CPU). ``checkpoint_s`` is the time the steps since the
+        previous record stood still for checkpoints (from the end of the step saved to the start of
+        the next), for the goodput report."""
         self.metrics = metrics
         self.eval_loss = eval_loss
         self.sink = sink
@@ -48,13 +50,25 @@ class ProgressCallback(TrainerCallback):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.first_step_time: float | None = None
+        self._step_ended = 0.0
+        self._saving = False  # a checkpoint was saved after the step that ended last
+        self._checkpoint_s = 0.0  # steps stalled for checkpoints since the previous record
         self._last: tuple[float, float] | None = None  # (time, tokens) at the previous log
         self._waited: tuple[int, float] = (0, 0.0)  # (step, data wait so far) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         self._waited = (state.global_step, self.data_wait())
 
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if self._saving:  # the save (snapshot or write, and any wait for an upload) held the steps
+            self._checkpoint_s += time.time() - self._step_ended
+            self._saving = False
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        self._saving = True
+
     def on_step_end(self, args, state, control, **kwargs) -> None:
+        self._step_ended = time.time()
         if self.first_step_time is None:
             self.first_step_time = time.time()
             if state.is_world_process_zero:
@@ -81,8 +95,10 @@ class ProgressCallback(TrainerCallback):
             "tokens_per_second": tokens_per_second,
             "tokens_per_second_per_device": per_device,
             "data_wait_s": round((waited - last_wait) / max(state.global_step - last_step, 1), 6),
+            "checkpoint_s": round(self._checkpoint_s, 6),
             "time": now,
         }
+        self._checkpoint_s = 0.0
         if self.flops_per_token and self.peak_flops:  # None in the first record, like the rates
             record["mfu"] = (
                 self.flops_per_token * per_device / self.peak_flops if per_device is not None else None

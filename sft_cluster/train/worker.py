@@ -321,9 +321,12 @@ def _metrics_log(parts: Components, resume_step: int | None) -> JsonlLog | None:
         return None
     run = run_dir_of(parts.job)
     metrics = JsonlLog(run.metrics, run.options)
-    metrics.truncate_after(resume_step or 0)
+    lost = metrics.truncate_after(resume_step or 0)
     if resume_step is not None:
-        _record_event(parts, {"event": "resumed", "step": resume_step, "time": time.time()})
+        event = {"event": "resumed", "step": resume_step, "time": time.time()}
+        if lost:  # the goodput report counts them as work lost, up to the failure
+            event.update(lost_steps=len(lost), failed_at=max(r["time"] for r in lost))
+        _record_event(parts, event)
     return metrics
 
 

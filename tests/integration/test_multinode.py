@@ -92,6 +92,10 @@ def test_a_run_spans_two_nodes_survives_losing_one_and_ends_with_the_uninterrupt
     summary = json.loads(_get(s3_server, bucket, f"{prefix}/summary.json"))
     assert summary["status"] == "completed" and summary["steps"] == 60, summary
     assert summary["restarts"] >= 1, summary
+    # The goodput report counts the node loss's downtime, on object storage too.
+    split = summary["time_split"]
+    assert split["restart_seconds"] > 0
+    assert abs(split["unaccounted_seconds"]) <= 0.02 * summary["wall_seconds"]
     # The attempt that finished ran one rank on the surviving node and one on the replacement.
     reports = [json.loads(_get(s3_server, bucket, f"{prefix}/workers/rank-{r:05d}.json")) for r in (0, 1)]
     assert {r["world_size"] for r in reports} == {2}

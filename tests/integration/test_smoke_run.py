@@ -102,6 +102,13 @@ def test_run_directory_layout(smoke_run):
     assert not any("mfu" in r for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_second_per_device"] > 0 and "mfu" not in summary
+    # Goodput: no restart, nothing lost; the evaluations and checkpoints took time; all adds up.
+    split = summary["time_split"]
+    assert split["restart_seconds"] == split["lost_seconds"] == 0
+    assert min(split["evaluation_seconds"], split["checkpoint_seconds"], split["startup_seconds"]) > 0
+    assert split["startup_seconds"] == pytest.approx(summary["time_to_first_step_seconds"], abs=1.0)
+    assert abs(split["unaccounted_seconds"]) <= 0.02 * summary["wall_seconds"]
+    assert 0 < summary["goodput"] < 1
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
