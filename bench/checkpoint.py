@@ -1,11 +1,19 @@
 """Checkpoint costs, side by side in one run, on a real S3 server (SeaweedFS on loopback).
 
-    .venv/bin/python bench/checkpoint.py [--state-mb 300]
+    .venv/bin/python bench/checkpoint.py [--state-mb 300] [--model 25m|300m] [--stall-only]
+        [--steps 40 --every 10] [--targets s3,local]
 
 1. Commit time of our protocol (upload + sha256 manifest + COMMITTED) vs a plain
    ``fsspec put`` of the same bytes to the same bucket.
-2. Training-step stall per checkpoint with async upload vs synchronous upload
-   (the real worker, a ~25M-parameter Llama: ~300 MB of model + optimizer state).
+2. Training-step stall per checkpoint with async upload (a host copy on the step;
+   files written, hashed and uploaded in the background) vs synchronous (the
+   Trainer's own save, then the upload), with the run on S3 and on local storage
+   (output_uri a local folder: no server process competing for the cores), for
+   a ~25M-parameter Llama (~320 MB of model + Adam state) or a ~300M one
+   (~3.7 GB). The stall is the training thread's time per checkpoint (save,
+   waits, commit), logged by the worker; the step after a save minus the median
+   step, and the same over the whole interval, show what background work costs
+   the steps it overlaps on a host without spare cores.
 3. Recovery from a SIGKILLed Ray Train worker to the next completed step, and
    steps recomputed after the kill and after a preemption signal (smoke job).
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -22,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -60,30 +70,95 @@ def commit_vs_put(server, tmp: Path, state_mb: int) -> tuple[float, float]:
     return commit_seconds, put_seconds
 
 
-def bigger_model(tmp: Path) -> Path:
+# Llama shapes on the shipped tokenizer (~27M and ~308M parameters), and the job settings each
+# runs with: the 300M one on shorter rows, so that a step takes seconds, not a minute, on 2 cores.
+MODELS = {
+    "25m": (
+        {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "heads": 8},
+        ["data.max_seq_len=128"],
+    ),
+    "300m": (
+        {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "heads": 16},
+        ["data.max_seq_len=64", "train.micro_batch_size=1"],
+    ),
+}
+HELD = re.compile(r"committed \S*step-(\d+) \(.*training held ([\d.]+) s for it\)")
+
+
+def bigger_model(tmp: Path, size: str) -> Path:
     from transformers import LlamaConfig
 
-    model = tmp / "model-25m"
+    model = tmp / f"model-{size}"
     shutil.copytree(REPO / "sft_cluster" / "assets" / "tiny-llama", model)
     base = json.loads((model / "config.json").read_text())
+    shape = dict(MODELS[size][0])
+    heads = shape.pop("heads")
     LlamaConfig(
         **{
             **base,
-            "hidden_size": 512,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 8,
+            **shape,
+            "head_dim": shape["hidden_size"] // heads,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
         }
     ).save_pretrained(model)
     return model
 
 
-def stall(server, tmp: Path, model: Path, asynchronous: bool) -> tuple[float, float]:
-    """(mean extra seconds of a step that saved, median step seconds)."""
-    bucket = server.make_bucket()
+def step_path(tmp: Path, model: Path, rounds: int) -> tuple[float, float]:
+    """(async, sync) median seconds the training thread spends on one checkpoint to a local store,
+    saves of the same Trainer's state alternating in one process (so both see the same load): the
+    Trainer's save, our on_save, and the commit."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from sft_cluster.spec import CheckpointSpec
+    from sft_cluster.train import compat
+    from sft_cluster.train.checkpointing import CommitCallback
+    from sft_cluster.train.trainer import StreamingSFTTrainer
+
+    class Saver(compat.DeferredCheckpointWrites, Trainer):
+        deferred_writes = StreamingSFTTrainer.deferred_writes
+
+    rows = [{"input_ids": torch.arange(32) % 500, "labels": torch.arange(32) % 500}] * 4
+    args = TrainingArguments(
+        output_dir=str(tmp / "paired"), use_cpu=True, max_steps=2, per_device_train_batch_size=1, report_to=[]
+    )
+    built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    trainer = Saver(model=built, args=args, train_dataset=rows)
+    trainer.train()  # the optimizer holds its state
+    store = CheckpointStore(str(tmp / "paired" / "run" / "checkpoints"))
+    held: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for asynchronous in (True, False):
+            callback = CommitCallback(store, CheckpointSpec(async_upload=asynchronous), rank=0, world_size=1)
+            trainer.callback_handler.callbacks = [callback]
+            trainer.state.global_step += 1
+            start = time.perf_counter()
+            trainer._save_checkpoint(trainer.model, None)
+            callback.on_save(trainer.args, trainer.state, trainer.control)
+            seconds = time.perf_counter() - start
+            if callback.pending is not None:  # async: the background part is off the step ...
+                callback.pending.wait()
+                start = time.perf_counter()
+                callback.finish()  # ... the commit is on it
+                seconds += time.perf_counter() - start
+            held[asynchronous].append(seconds)
+    return statistics.median(held[True]), statistics.median(held[False])
+
+
+@dataclass
+class Stall:
+    held_s: float  # the training thread's time per checkpoint (save, waits, commit), from the worker's log
+    after_save_s: float  # the step after a save minus the median step
+    interval_s: float  # the same summed over the steps up to the next save
+    step_s: float  # the median step
+
+
+def stall(
+    server, size: str, model: Path, output_uri: str, asynchronous: bool, steps: int, every: int
+) -> Stall:
     env = {**os.environ, **server.env(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    steps, every = 40, 10
     result = subprocess.run(
         [
             sys.executable,
@@ -92,14 +167,14 @@ def stall(server, tmp: Path, model: Path, asynchronous: bool) -> tuple[float, fl
             "--executor=torchrun",
             "jobs/smoke.yaml",
             f"model.name_or_path={model}",
-            f"output_uri=s3://{bucket}/run",
+            f"output_uri={output_uri}",
             f"storage.endpoint_url={server.endpoint}",
             "tracking=none",
             f"train.max_steps={steps}",
             f"checkpoint.every_n_steps={every}",
             "resources.num_workers=1",
             f"checkpoint.async_upload={str(asynchronous).lower()}",
-            "data.max_seq_len=128",
+            *MODELS[size][1],
         ],
         cwd=REPO,
         env=env,
@@ -109,15 +184,24 @@ def stall(server, tmp: Path, model: Path, asynchronous: bool) -> tuple[float, fl
     )
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
-    fs, _ = storage.filesystem(f"s3://{bucket}", {"client_kwargs": {"endpoint_url": server.endpoint}})
-    records = [json.loads(line) for line in fs.cat_file(f"{bucket}/run/metrics.jsonl").decode().splitlines()]
+    held = [float(s) for step, s in HELD.findall(result.stderr) if int(step) < steps]  # not the final one
+    options = {"client_kwargs": {"endpoint_url": server.endpoint}} if output_uri.startswith("s3://") else {}
+    fs, path = storage.filesystem(output_uri, options)
+    records = [json.loads(line) for line in fs.cat_file(f"{path}/metrics.jsonl").decode().splitlines()]
     times = {r["step"]: r["time"] for r in records}
     durations = {s: times[s] - times[s - 1] for s in times if s - 1 in times}
     # The save at the end of step N shows in the duration of step N+1.
-    saving = [durations[s + 1] for s in range(every, steps, every) if s + 1 in durations]
+    saved = range(every, steps, every)
     normal = [d for s, d in durations.items() if (s - 1) % every != 0 and s > 2]
     median = statistics.median(normal)
-    return statistics.mean(saving) - median, median
+    return Stall(
+        held_s=statistics.mean(held),
+        after_save_s=statistics.mean(durations[s + 1] - median for s in saved if s + 1 in durations),
+        interval_s=statistics.mean(
+            sum(durations[s + k] - median for k in range(1, every + 1) if s + k in durations) for s in saved
+        ),
+        step_s=median,
+    )
 
 
 def faults(tmp: Path) -> dict[str, float]:
@@ -168,29 +252,56 @@ def faults(tmp: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state-mb", type=int, default=300)
+    parser.add_argument("--model", choices=sorted(MODELS), default="25m")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--stall-only", action="store_true", help="only part 2")
+    parser.add_argument("--targets", default="s3,local", help="where part 2's runs write: s3, local or both")
     args = parser.parse_args()
+    targets = args.targets.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     (tmp / "s3").mkdir()
+    stalls: dict[tuple[str, bool], Stall] = {}
     with seaweedfs(tmp / "s3") as server:
         os.environ.update(server.env())  # credentials from the environment, as for users
-        commit_s, put_s = commit_vs_put(server, tmp, args.state_mb)
-        model = bigger_model(tmp)
-        async_stall, step_s = stall(server, tmp, model, asynchronous=True)
-        sync_stall, _ = stall(server, tmp, model, asynchronous=False)
-    fault = faults(tmp)
+        if not args.stall_only:
+            commit_s, put_s = commit_vs_put(server, tmp, args.state_mb)
+        model = bigger_model(tmp, args.model)
+        paired = step_path(tmp, model, rounds=3)
+        print(f"{args.model} step path (async, sync): {paired}", flush=True)
+        for target in targets:
+            for asynchronous in (True, False):
+                where = (
+                    f"s3://{server.make_bucket()}/run" if target == "s3" else str(tmp / f"run-{asynchronous}")
+                )
+                found = stall(server, args.model, model, where, asynchronous, args.steps, args.every)
+                stalls[target, asynchronous] = found
+                print(f"{args.model} to {target}, async {asynchronous}: {found}", flush=True)
+    if not args.stall_only:
+        fault = faults(tmp)
+        print(
+            f"commit of {args.state_mb} MB to S3: {commit_s:.2f} s; plain fsspec put: {put_s:.2f} s; "
+            f"ratio {commit_s / put_s:.3f}"
+        )
     print(
-        f"commit of {args.state_mb} MB to S3: {commit_s:.2f} s; plain fsspec put: {put_s:.2f} s; "
-        f"ratio {commit_s / put_s:.3f}"
+        f"{args.model} training thread per checkpoint to local storage, saves alternating in one "
+        f"process: async {paired[0]:.3f} s, sync {paired[1]:.3f} s; ratio {paired[0] / paired[1]:.3f}"
     )
-    print(
-        f"step stall per checkpoint (median step {step_s:.2f} s): async {async_stall:.2f} s, "
-        f"sync {sync_stall:.2f} s; ratio {async_stall / sync_stall:.3f}"
-    )
-    print(
-        f"worker SIGKILL -> next completed step: {fault['recovery_seconds']:.1f} s; "
-        f"steps recomputed: {fault['recomputed_after_kill']}"
-    )
-    print(f"preemption signal: steps recomputed {fault['recomputed_after_preempt']}")
+    for target in targets:
+        ours, sync = stalls[target, True], stalls[target, False]
+        print(
+            f"{args.model} to {target}: training held per checkpoint: async {ours.held_s:.2f} s, "
+            f"sync {sync.held_s:.2f} s; ratio {ours.held_s / sync.held_s:.3f}. Step after a save minus "
+            f"the median step ({ours.step_s:.2f} s): async {ours.after_save_s:.2f} s, sync "
+            f"{sync.after_save_s:.2f} s; over the interval: async {ours.interval_s:.2f} s, sync "
+            f"{sync.interval_s:.2f} s"
+        )
+    if not args.stall_only:
+        print(
+            f"worker SIGKILL -> next completed step: {fault['recovery_seconds']:.1f} s; "
+            f"steps recomputed: {fault['recomputed_after_kill']}"
+        )
+        print(f"preemption signal: steps recomputed {fault['recomputed_after_preempt']}")
 
 
 if __name__ == "__main__":

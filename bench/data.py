@@ -37,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._common import peak_rss_mb  # noqa: E402
+
 ASSETS = REPO / "sft_cluster" / "assets"
 MAX_SEQ_LEN = 256  # the smoke job's
 BATCH = 8
@@ -77,12 +79,6 @@ def upload(server, rows: int, tmp: Path) -> str:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint})
     fs.put(str(local) + "/", f"{bucket}/data/", recursive=True)
     return f"s3://{bucket}/data"
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. Not ``ru_maxrss``: Linux carries that over from the parent across exec."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def _digest(batch) -> str:
@@ -230,7 +226,7 @@ def child(args: argparse.Namespace) -> None:
         result = child_trl(
             args.prefix, args.endpoint, work, args.resume_batches, args.side == "trl-streaming"
         )
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+from bench._common import peak_rss_mb  # noqa: E402
 
 
 def _busy(seconds: float) -> None:
@@ -87,7 +82,7 @@ def child(args: argparse.Namespace) -> dict:
         "wall_s": wall,
         "rows": dataset.consumed,
         "digest": int(batch["input_ids"].sum()),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._common import peak_rss_mb  # noqa: E402
+
 BLOCK_RECORDS = 4096  # records generated once and repeated
 MB = 1 << 20
 
@@ -81,13 +83,6 @@ def write_zst(path: Path, target_mb: int, block: list[dict[str, Any]]) -> int:
             out.write(frame)
             rows += len(block)
     return rows
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class _LengthOnly:

@@ -19,15 +19,11 @@ from sft_cluster.spec.errors import SpecError
 from sft_cluster.spec.job import (
     CheckpointSpec,
     DataSpec,
-    DeepSpeedSpec,
-    FSDPSpec,
     JobSpec,
-    LoraSpec,
     ModelSpec,
     ResourcesSpec,
     SourceSpec,
     StorageSpec,
-    StrategySpec,
     TrainSpec,
 )
 from sft_cluster.spec.loader import (
@@ -37,6 +33,7 @@ from sft_cluster.spec.loader import (
     load_job,
     parse_overrides,
 )
+from sft_cluster.spec.strategy import DeepSpeedSpec, FSDPSpec, LoraSpec, StrategySpec
 
 __all__ = [
     "CLUSTER_ADAPTER",

@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, TypeAdapter, field_validator, model_validator
 
-from sft_cluster.spec.job import StorageSpec, Strict, rule_error
+from sft_cluster.spec.base import Strict, rule_error
+from sft_cluster.spec.job import StorageSpec
 
 # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _SLURM_TIME = re.compile(

@@ -5,16 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
+
+from sft_cluster.spec.base import Strict, rule_error
+from sft_cluster.spec.strategy import StrategySpec, strategy_problems
 
 # Keys that carry secrets in fsspec storage options (s3fs, gcsfs, adlfs).
 _CREDENTIAL_KEYS = frozenset(
@@ -29,17 +23,6 @@ _CREDENTIAL_KEYS = frozenset(
     }
 )
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class Strict(BaseModel):
-    """Every section rejects unknown keys, so a typo is an error, not a silent default."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-def rule_error(*messages: str) -> PydanticCustomError:
-    """A cross-field problem, already phrased with full field paths (one line per message)."""
-    return PydanticCustomError("spec_rule", "{message}", {"message": "\n".join(messages)})
 
 
 def reject_credentials(options: dict[str, Any]) -> dict[str, Any]:
@@ -139,70 +122,6 @@ class TrainSpec(Strict):
         return self
 
 
-class FSDPSpec(Strict):
-    version: Literal[1, 2] = 2
-    reshard_after_forward: bool = True
-    wrap: str = "auto"  # the decoder-layer class name, or "auto" for the model's own
-    cpu_offload: bool = False
-    state_dict: Literal["sharded", "full"] = "sharded"
-
-
-class DeepSpeedSpec(Strict):
-    stage: Literal[2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    overlap_comm: bool = True
-    gather_16bit_weights_on_save: bool = True
-    # ZeRO-3 keeps parameters smaller than this whole on every rank; None: DeepSpeed's default.
-    param_persistence_threshold: int | None = Field(None, ge=0)
-
-
-class LoraSpec(Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, le=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge: bool = False
-
-    @field_validator("target_modules", mode="wrap")
-    @classmethod
-    def _one_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One plain message instead of one error per member of the union."""
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError("expected 'all-linear' or a list of module names") from None
-
-
-class StrategySpec(Strict):
-    kind: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    activation_checkpointing: bool = False
-    fsdp: FSDPSpec = Field(default_factory=FSDPSpec)
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    lora: LoraSpec | None = None
-    liger: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU): CUDA and liger_kernel
-    compile: bool = False  # torch.compile the model (inductor); the first steps pay for compiling
-
-    @model_validator(mode="after")
-    def _consistent(self) -> StrategySpec:
-        # A block equal to its defaults changes nothing, and is what dump_job_yaml writes.
-        problems = [
-            f"strategy.{block} is set but strategy.kind is '{self.kind}' "
-            f"(set strategy.kind: {block}, or remove the strategy.{block} block)"
-            for block, default in (("fsdp", FSDPSpec()), ("deepspeed", DeepSpeedSpec()))
-            if block in self.model_fields_set and self.kind != block and getattr(self, block) != default
-        ]
-        if self.deepspeed.offload_params and self.deepspeed.stage != 3:
-            problems.append(
-                "strategy.deepspeed.offload_params: true requires strategy.deepspeed.stage: 3 "
-                f"(got stage {self.deepspeed.stage}; only ZeRO-3 partitions the parameters)"
-            )
-        if problems:
-            raise rule_error(*problems)
-        return self
-
-
 class CheckpointSpec(Strict):
     # None: only the final checkpoint; auto: Daly's optimum from the measured step time and
     # checkpoint stall and mttf_hours (sft_cluster.train.interval).
@@ -238,6 +157,21 @@ class CheckpointSpec(Strict):
                 "auto (set that, or remove checkpoint.mttf_hours)"
             )
         return self
+
+
+class ExportSpec(Strict):
+    """``final/``: the dtype its weights are written in (auto: bf16 when training ran in bf16 on GPUs,
+    else fp32, the master weights) and the largest safetensors file (as ``save_pretrained`` shards)."""
+
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    max_shard_size: str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+ ?[KMGT]B", value.strip(), re.IGNORECASE):
+            raise ValueError("expected a whole number and a unit: KB, MB, GB or TB (e.g. '5GB')")
+        return value
 
 
 class WorkerRange(Strict):
@@ -313,6 +247,7 @@ class JobSpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
 
     @field_validator("name")
     @classmethod
@@ -344,7 +279,7 @@ class JobSpec(Strict):
                 "data.eval and data.eval_fraction are both set (evaluate on the data.eval sources "
                 "or on a held-out fraction of the training data, not both)"
             )
-        problems = _strategy_problems(self) + _elastic_problems(self)
+        problems = strategy_problems(self) + _elastic_problems(self)
         if problems:
             raise rule_error(*problems)
         if not self.output_uri:
@@ -364,44 +299,3 @@ def _elastic_problems(job: JobSpec) -> list[str]:
         f"size (e.g. train.global_batch_size: "
         f"{job.train.micro_batch_size * job.train.grad_accum_steps * resources.max_workers})"
     ]
-
-
-def _strategy_problems(job: JobSpec) -> list[str]:
-    """Combinations that cannot run (on these workers), each with its reason and fix."""
-    strategy, problems = job.strategy, []
-    on_cpu = job.resources.gpus_per_worker == 0
-    if on_cpu and strategy.precision == "fp16":
-        problems.append(
-            "strategy.precision = 'fp16' with resources.gpus_per_worker = 0: fp16 loss scaling "
-            "needs a GPU (use bf16 or fp32 on CPU workers)"
-        )
-    if strategy.kind == "fsdp" and on_cpu:
-        if strategy.fsdp.version == 1:
-            problems.append(
-                "strategy.fsdp.version = 1 with resources.gpus_per_worker = 0: FSDP1 does not run "
-                "on CPU (use strategy.fsdp.version: 2)"
-            )
-        if strategy.fsdp.cpu_offload:
-            problems.append(
-                "strategy.fsdp.cpu_offload = true with resources.gpus_per_worker = 0: the "
-                "parameters already live on the CPU (remove strategy.fsdp.cpu_offload)"
-            )
-    if on_cpu and strategy.liger:
-        problems.append(
-            "strategy.liger = true with resources.gpus_per_worker = 0: Liger's kernels are Triton "
-            "kernels that need a CUDA GPU (remove strategy.liger, or give the workers GPUs)"
-        )
-    lora = strategy.lora
-    if lora is not None:
-        if strategy.kind == "deepspeed" and strategy.deepspeed.offload_params:
-            problems.append(
-                "strategy.lora with strategy.deepspeed.offload_params = true: peft adapters are not "
-                "supported with ZeRO-3 parameter offload (use offload_optimizer only)"
-            )
-        if job.model.from_config and not lora.merge:
-            problems.append(
-                "strategy.lora.merge = false with model.from_config = true: the base weights are a "
-                "random initialisation that is never saved, so the adapter alone is useless "
-                "(set strategy.lora.merge: true)"
-            )
-    return problems

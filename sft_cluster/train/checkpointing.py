@@ -7,6 +7,9 @@ background thread while training goes on; once every rank's upload is done
 (checked with one tiny all-reduce per step while an upload is pending), rank 0
 writes ``manifest.json`` and then ``COMMITTED``, and prunes old checkpoints.
 At most one upload is in flight; the end of training waits for the last one.
+With async uploads the Trainer leaves its heavy writes (DDP's weights and
+optimizer state) to the upload thread, from host copies (``snapshot``): a write
+that fails fails the upload, and the step is not committed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sft_cluster.checkpoint.manifest import files_to_fetch, sha256_file, state_f
 from sft_cluster.data import DataError
 from sft_cluster.spec import CheckpointSpec
 from sft_cluster.train import collectives, compat, signals, staging
+from sft_cluster.train.snapshot import DeferredWrites
 
 log = logging.getLogger("sft_cluster.checkpoint")
 
@@ -77,18 +81,33 @@ def files_of_rank(local: Path, rank: int, world_size: int) -> list[str]:
 
 
 class _Upload:
-    """One rank's upload of one checkpoint, in a background thread."""
+    """One rank's upload of one checkpoint, in a background thread; ``writes`` are done first
+    (their files join ``files``)."""
 
-    def __init__(self, store: CheckpointStore, local: Path, files: list[str], step: int):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        local: Path,
+        files: list[str],
+        step: int,
+        writes: DeferredWrites | None = None,
+    ):
         self.step = step
         self.local = local
         self.hashes: dict[str, dict[str, Any]] = {}
         self.error: BaseException | None = None
         self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, args=(store, files), daemon=True)
+        self.held = 0.0  # seconds the training thread spent on this checkpoint before its commit
+        self._thread = threading.Thread(target=self._run, args=(store, files, writes), daemon=True)
         self._thread.start()
 
-    def _run(self, store: CheckpointStore, files: list[str]) -> None:
+    def _run(self, store: CheckpointStore, files: list[str], writes: DeferredWrites | None) -> None:
+        if writes:
+            try:
+                files = files + [rel for rel in writes.run(self.local) if rel not in files]
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
+                self.error = exc
+                return
         # Hashing and uploading read the same files: run them side by side.
         hasher = threading.Thread(target=self._hash, args=(files,), daemon=True)
         hasher.start()
@@ -143,9 +162,11 @@ class CommitCallback(TrainerCallback):
         self.metadata = metadata or {}
         self.verify_fast = verify_fast
         self.pending: _Upload | None = None
+        self.writes: DeferredWrites | None = None  # the save in progress's, until on_save uploads them
         self.commit_at_once = False  # the save in progress was asked for: commit before the next step
         self.stopped_for_preemption = False
         self.committed: list[int] = []
+        self._saving_since = time.monotonic()  # where the training thread's time on a save starts
 
     def on_step_end(self, args, state, control, **kwargs):
         # At the last step a request changes nothing: the run completes, with final/.
@@ -161,8 +182,21 @@ class CommitCallback(TrainerCallback):
             signals.SAVE_REQUESTED.clear()
             self.commit_at_once = control.should_save = True
         if self.pending is not None and collectives.all_true(self.pending.done):
-            self._commit()
+            self._commit(time.monotonic())
+        self._saving_since = time.monotonic()  # a save of this step starts here
         return control
+
+    def defer_writes(self) -> DeferredWrites | None:
+        """Where the Trainer puts the writes of the save it starts (None: it writes them at once).
+
+        Called before the Trainer copies its state: the upload in flight is committed
+        first, so at most one host copy is held.
+        """
+        if not self.spec.async_upload:
+            return None
+        self.finish()
+        self.writes = DeferredWrites()
+        return self.writes
 
     def on_save(self, args, state, control, **kwargs):
         self.finish()  # at most one upload in flight
@@ -172,7 +206,9 @@ class CommitCallback(TrainerCallback):
             self.store.begin(state.global_step)  # a re-saved step stops looking committed first
         collectives.barrier()  # every rank's files are staged, and the old marker is gone
         files = files_of_rank(local, self.rank, self.world_size)
-        self.pending = _Upload(self.store, local, files, state.global_step)
+        writes, self.writes = self.writes, None
+        self.pending = _Upload(self.store, local, files, state.global_step, writes)
+        self.pending.held = time.monotonic() - self._saving_since
         if not self.spec.async_upload or self.commit_at_once:
             self.commit_at_once = False
             self.finish()
@@ -183,10 +219,12 @@ class CommitCallback(TrainerCallback):
     def finish(self) -> None:
         """Wait for the upload in flight (if any) and commit it."""
         if self.pending is not None:
+            since = time.monotonic()
             self.pending.wait()
-            self._commit()
+            self._commit(since)
 
-    def _commit(self) -> None:
+    def _commit(self, since: float) -> None:
+        """Commit the pending upload; the training thread has waited for it from ``since``."""
         upload, self.pending = self.pending, None
         # Every rank learns of any rank's failure in the same collective: nobody waits for a
         # share that will never come.
@@ -213,13 +251,19 @@ class CommitCallback(TrainerCallback):
                 self.spec.keep_last, self.spec.keep_every_n_steps, fast=self.verify_fast
             )
             log.info(
-                "committed %s (%.1f s after save); pruned %s", uri, time.monotonic() - upload.started, deleted
+                "committed %s (%.1f s after save; training held %.2f s for it); pruned %s",
+                uri,
+                time.monotonic() - upload.started,
+                upload.held + time.monotonic() - since,
+                deleted,
             )
             if self.on_commit is not None:
                 self.on_commit(upload.step)
         self.committed.append(upload.step)
         collectives.barrier()  # nobody races ahead of the commit
         shutil.rmtree(upload.local, ignore_errors=True)
+        # Time spent here counts to this checkpoint, not to a save in progress.
+        self._saving_since += time.monotonic() - since
 
 
 def find_resume_step(

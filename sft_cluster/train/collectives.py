@@ -7,7 +7,8 @@ tensors only, so a CPU all-reduce, an object collective or a barrier on it
 fails ("No backend type associated with device type cpu"). Here they go over
 a gloo group made beside the default one (the default group itself when it
 already serves CPU tensors). Nothing else in the package calls
-``torch.distributed`` collectives for control data; a test enforces it.
+``torch.distributed`` collectives; a test enforces it. The few data-plane calls
+(tensors on the model's own group, e.g. the streamed export's rows) are at the end.
 
 Without a process group (one process) every helper returns its own input.
 """
@@ -96,3 +97,17 @@ def barrier() -> None:
     """Every rank has reached this point."""
     if distributed():
         dist.barrier(group=control_group())
+
+
+# --- the data plane: tensors on the model's own group (its device), not control data -----------
+
+
+def send_rows(tensor: torch.Tensor, to_rank: int, group: Any) -> None:
+    """Send ``tensor`` to ``to_rank`` of ``group`` (a mesh's group: NCCL tensors on GPUs); the
+    streamed export sends each rank's rows of a sharded parameter to rank 0 this way."""
+    dist.send(tensor, dst=dist.get_global_rank(group, to_rank), group=group)
+
+
+def receive_rows(into: torch.Tensor, from_rank: int, group: Any) -> None:
+    """Receive what ``send_rows`` sent from ``from_rank`` of ``group`` into ``into``."""
+    dist.recv(into, src=dist.get_global_rank(group, from_rank), group=group)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import transformers
@@ -72,13 +71,20 @@ def attention_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def build_model(model: ModelSpec, seed: int, vocab_size: int | None = None) -> transformers.PreTrainedModel:
+def build_model(
+    model: ModelSpec, seed: int, vocab_size: int | None = None, weights: bool = True
+) -> transformers.PreTrainedModel:
     """Load weights, or initialise them from the config with ``seed`` (same on every rank).
 
     Weights are fp32 (the master copy); mixed precision autocasts the compute.
     ``vocab_size`` (the tokenizer's length) larger than the embeddings grows
     them (to a multiple of 64), with ``seed``: tokens a template added.
+    ``weights=False`` (a rank that receives its shards from rank 0, see
+    ``strategy.builds_weights``) reads no weight file and holds no copy: the
+    same model, its parameters allocated and never written.
     """
+    if not weights:
+        return _placeholder_model(model, vocab_size)
     dtype = torch.float32
     path = _resolve(model.name_or_path)
     common = {"trust_remote_code": model.trust_remote_code}
@@ -103,21 +109,33 @@ def build_model(model: ModelSpec, seed: int, vocab_size: int | None = None) -> t
     return built
 
 
-def generation_config_for(model: transformers.PreTrainedModel, encoder: ChatEncoder):
-    """The model's generation config with EOS ending an assistant turn, so ``generate`` stops there."""
-    config = model.generation_config
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    tokenizer = encoder.tokenizer
-    wanted = [
-        *eos,
-        *encoder.end_of_turn_ids,
-        *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
-    ]
-    config.eos_token_id = list(dict.fromkeys(wanted))
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    return config
+def _placeholder_model(model: ModelSpec, vocab_size: int | None) -> transformers.PreTrainedModel:
+    """The model ``build_model`` gives, shapes, buffers and config alike, with unwritten parameters.
+
+    Built on the meta device from the config (buffers such as rotary
+    frequencies are computed for real: they are not broadcast), grown as
+    ``build_model`` grows it (without mean resizing, which reads the weights),
+    then given host storage that is allocated and never touched, so it costs
+    no resident memory until FSDP2 replaces it with this rank's shards. In
+    place of loaded weights it carries what ``from_pretrained`` leaves on a
+    model (``compat.as_if_loaded``): the export walks it on every rank.
+    """
+    from accelerate import init_empty_weights
+
+    path = _resolve(model.name_or_path)
+    common = {"trust_remote_code": model.trust_remote_code}
+    config = AutoConfig.from_pretrained(path, **common)
+    compat.set_attention(config, attention_implementation(model.attn_implementation))
+    with compat.without_zero3_init(), init_empty_weights(include_buffers=False):
+        built = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+    built.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
+    built.config.use_cache = False
+    if vocab_size is not None and vocab_size > built.get_input_embeddings().weight.shape[0]:
+        built.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    if not model.from_config:
+        compat.as_if_loaded(built)
+    compat.untouched_host_parameters(built)
+    return built
 
 
 def parameter_share(model: torch.nn.Module) -> float:
@@ -134,43 +152,3 @@ def parameter_share(model: torch.nn.Module) -> float:
 def _dtensor_share(param: torch.Tensor) -> tuple[int, int]:
     """(elements this rank holds, elements in all) of a parameter, sharded (DTensor) or not."""
     return (param.to_local().numel() if hasattr(param, "to_local") else param.numel()), param.numel()
-
-
-def _full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
-    """Every rank calls this; the main process gets the whole (gathered) state dict (ZeRO-3 gives the
-    others None), without the ``_orig_mod.`` prefix that accelerate keeps from a torch.compile
-    wrapper (``strategy.compile``)."""
-    accelerator = trainer.accelerator
-    if trainer.is_deepspeed_enabled and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-        state_dict = compat.zero3_full_state_dict(trainer.model_wrapped)
-    else:
-        state_dict = accelerator.get_state_dict(trainer.model_wrapped)
-    if state_dict is None:
-        return None
-    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
-
-
-def save_final_model(trainer, job: JobSpec, encoder: ChatEncoder, out: Path) -> None:
-    """Consolidated Hugging Face weights in ``out``, whatever the strategy (collective), with the
-    tokenizer (the model's own inference template, never a training variant) and a generation
-    config that stops at the end of an assistant turn.
-
-    With LoRA the adapter is saved, or with ``lora.merge`` a fresh copy of the
-    base gets the trained adapter and is merged, so the sharded training
-    model is never modified.
-    """
-    state_dict = _full_state_dict(trainer)
-    if not trainer.accelerator.is_main_process:
-        return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    lora = job.strategy.lora
-    if lora is not None and lora.merge:
-        with compat.without_zero3_init():  # the copy is built whole, on this rank only
-            base = build_model(job.model, job.train.seed, len(encoder.tokenizer))
-        model, state_dict = compat.lora_copy(base, model, state_dict).merge_and_unload(), None
-    model.save_pretrained(
-        str(out), state_dict=compat.drop_tied_copy(model, state_dict), safe_serialization=True
-    )
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    generation_config_for(base, encoder).save_pretrained(str(out))
-    encoder.tokenizer.save_pretrained(str(out))

@@ -140,9 +140,23 @@ def _fsdp_args(job: JobSpec) -> dict[str, Any]:
             "state_dict_type": "SHARDED_STATE_DICT" if spec.state_dict == "sharded" else "FULL_STATE_DICT",
             # FSDP recomputes activations per wrapped layer itself (the Trainer's flag is refused).
             "activation_checkpointing": job.strategy.activation_checkpointing,
-            "cpu_ram_efficient_loading": False,
+            # FSDP2: rank 0 alone loads; the others receive their shards (``builds_weights``).
+            "cpu_ram_efficient_loading": spec.version == 2,
         },
     }
+
+
+def builds_weights(plan: StrategyPlan, rank: int) -> bool:
+    """Whether this rank reads or initialises the model's weights itself.
+
+    Under FSDP2 only rank 0 does: accelerate (``cpu_ram_efficient_loading``)
+    fills every rank's shards from rank 0's weights while preparing the model
+    (``compat.scatter_shards_from_rank0``), so a rank never holds more than its
+    shards, and a model built from a config is rank 0's seeded one everywhere.
+    A resumed run then loads its sharded checkpoint over them, as before.
+    """
+    config = plan.trainer_args.get("fsdp_config", {})
+    return rank == 0 or not config.get("cpu_ram_efficient_loading", False)
 
 
 def lora_config(job: JobSpec) -> dict[str, Any] | None:
@@ -220,10 +234,13 @@ def prepare_process(plan: StrategyPlan, on_gpu: bool) -> None:
 
 def prepare_trainer(plan: StrategyPlan, on_gpu: bool) -> None:
     """After the SFTConfig, before the Trainer builds its Accelerator: FSDP on CPU ranks goes through
-    ``fully_shard`` (``compat.route_cpu_fsdp``) while every tensor stays on CPU and the gloo group is reused.
+    ``fully_shard`` (``compat.route_cpu_fsdp``) while every tensor stays on CPU and the gloo group is reused;
+    loading from rank 0 scatters each rank its shards only (``compat.scatter_shards_from_rank0``).
     """
     if plan.kind == "fsdp" and not on_gpu:
         compat.route_cpu_fsdp()
+    if plan.trainer_args.get("fsdp_config", {}).get("cpu_ram_efficient_loading"):
+        compat.scatter_shards_from_rank0()
 
 
 def describe_strategy(job: JobSpec) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from sft_cluster.data.chat import ChatEncoder
 from sft_cluster.data.stream import PackedDataset
 from sft_cluster.spec import JobSpec
 from sft_cluster.train import compat
+from sft_cluster.train.checkpointing import CommitCallback
+from sft_cluster.train.snapshot import DeferredWrites
 from sft_cluster.train.strategy import StrategyPlan
 
 
@@ -61,13 +63,19 @@ def set_steps(args: SFTConfig, job: JobSpec, max_steps: int) -> None:
     args.save_steps = every if isinstance(every, int) else max_steps
 
 
-class StreamingSFTTrainer(compat.StopAtMaxSteps, SFTTrainer):
+class StreamingSFTTrainer(compat.DeferredCheckpointWrites, compat.StopAtMaxSteps, SFTTrainer):
     """Feeds this rank's packed rows as they are: no re-tokenizing, no re-sharding, no batch skipping.
 
     The stream is already this rank's share (the plan split it) and restarts
     from its own cursor, so accelerate's dataloader wrapping (which would
     dispatch or shard it again) and the Trainer's skip on resume stay out.
+    With async uploads, a checkpoint's weights and optimizer state are written
+    after the step, by the commit callback's upload thread.
     """
+
+    def deferred_writes(self) -> DeferredWrites | None:
+        committer = next((c for c in self.callback_handler.callbacks if isinstance(c, CommitCallback)), None)
+        return committer.defer_writes() if committer is not None else None
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -33,8 +33,9 @@ from sft_cluster.train import collectives, compat, flops, signals, staging, zero
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step, restore_states
 from sft_cluster.train.evaluation import EvalCallback
+from sft_cluster.train.export import save_final_model
 from sft_cluster.train.interval import AutoInterval
-from sft_cluster.train.model import build_model, load_chat, save_final_model
+from sft_cluster.train.model import build_model, load_chat
 from sft_cluster.train.plans import eval_plan, prepared_plan
 from sft_cluster.train.progress import LogSink, ProgressSink
 from sft_cluster.train.report import RecordingCollator, worker_report
@@ -43,6 +44,7 @@ from sft_cluster.train.steps import TrainSteps, resolve_steps
 from sft_cluster.train.strategy import (
     StrategyPlan,
     bf16_capable,
+    builds_weights,
     gpu_worker,
     plan_strategy,
     prepare_process,
@@ -129,8 +131,9 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
     notify = _notifier(sink)
     steps = resolve_steps(job, plan, encoder, settings, notify=notify)
     set_steps(args, job, steps.max_steps)
-    # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built.
-    model = build_model(job.model, job.train.seed, len(encoder.tokenizer))
+    # After the SFTConfig: under ZeRO-3 the model is partitioned as it is built; under FSDP2 only
+    # rank 0 holds weights, and preparing the model scatters them into every rank's shards.
+    model = build_model(job.model, job.train.seed, len(encoder.tokenizer), builds_weights(strategy, rank))
     run = run_dir_of(job)
     if rank == 0:
         _say_template_choices(job, encoder, model, notify)

@@ -1,4 +1,6 @@
-"""Every place the worker leans on a library's private API or internal behaviour, in one module.
+"""Every place the worker leans on a library's private API or internal behaviour, in one package:
+the general ones here, those of one concern in a module each (``checkpoint_writes``, ``fsdp_loading``,
+``export``), all of them names of ``compat``.
 
 Each function says why it is needed and what it relies on; all were checked on
 torch 2.13.0, transformers 5.23.0, trl 1.16.0, accelerate 1.15.0, deepspeed
@@ -15,6 +17,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sft_cluster.train.compat.checkpoint_writes import DeferredCheckpointWrites
+from sft_cluster.train.compat.export import lora_layers, save_order, weight_conversions
+from sft_cluster.train.compat.fsdp_loading import (
+    as_if_loaded,
+    scatter_shards_from_rank0,
+    untouched_host_parameters,
+)
+
+__all__ = [
+    "DeferredCheckpointWrites",
+    "as_if_loaded",
+    "lora_layers",
+    "save_order",
+    "scatter_shards_from_rank0",
+    "untouched_host_parameters",
+    "weight_conversions",
+]
 
 # --- torch -------------------------------------------------------------------------------------
 
