@@ -187,9 +187,9 @@ def _size(count: int) -> str:
     return f"{count / 1e9:,.1f} GB" if count >= 1e9 else f"{count / 1e6:,.1f} MB"
 
 
-def local_staging(job: JobSpec) -> Check:
+def local_staging(needed: int) -> Check:
     """``check_staging`` for this machine's temp folder, where the embedded cluster stages."""
     import tempfile
 
     folder = tempfile.gettempdir()
-    return check_staging(checkpoint_bytes(job), shutil.disk_usage(folder).free, f"staging {folder} here")
+    return check_staging(needed, shutil.disk_usage(folder).free, f"staging {folder} here")

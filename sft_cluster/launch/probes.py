@@ -1,5 +1,6 @@
 """The doctor's checks of a cluster, per kind: does it answer, has it the resources this job asks
-for, which versions and how much staging space its nodes have (``deep``: a short probe job)."""
+for, which versions and how much staging space its nodes have (with ``staged``, the bytes a node's
+staging must hold: a short probe job)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shlex
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sft_cluster import storage
@@ -49,14 +50,16 @@ def _resources(name: str, have: tuple[float, float], job: JobSpec, fix: str) -> 
     return Check(name, ok, detail, "" if ok else fix)
 
 
-def _probe_checks(job: JobSpec, found: dict[str, Any] | None, where: str, failure: str) -> Iterator[Check]:
+def _probe_checks(
+    staged: Future[int], found: dict[str, Any] | None, where: str, failure: str
+) -> Iterator[Check]:
     """What a probe that ran on a node says: versions there, and staging space there."""
     if found is None:
         yield Check("probe", False, f"the probe job on {where} {failure}", "see the cluster's logs for it")
         return
     yield versions_agree(local_versions(), found["versions"], f"on {where}")
     yield check_staging(
-        checkpoint_bytes(job), int(found["staging_free_bytes"]), f"staging {found['staging']} on {where}"
+        staged.result(), int(found["staging_free_bytes"]), f"staging {found['staging']} on {where}"
     )
 
 
@@ -70,9 +73,12 @@ def diagnose(backend: Any, job: JobSpec, deep: bool) -> Iterator[Check]:
     does not answer is the likeliest failure), then the output folder, and with ``deep`` the data."""
     kinds = {"local": local_checks, "ray": ray_checks, "slurm": slurm_checks}
     with ThreadPoolExecutor(1) as pool:
-        # Reading and tokenizing the data here overlaps the cluster's probe job.
+        # The work done here (reading and tokenizing the data, then counting the model's parameters)
+        # overlaps the cluster's probe job, in one thread: transformers' lazy imports are not safe
+        # from two threads at once.
         data = pool.submit(check_data, job) if deep else None
-        yield from kinds[backend.kind](backend, job, deep)
+        staged = pool.submit(checkpoint_bytes, job) if deep else None
+        yield from kinds[backend.kind](backend, job, staged)
         if backend.kind == "ray" and storage.is_local(job.output_uri):
             # A Ray Job's local path is the cluster's path (a Slurm cluster shares its file system).
             yield Check("output", True, f"{job.output_uri}: a path on the cluster, checked when it starts")
@@ -85,7 +91,7 @@ def diagnose(backend: Any, job: JobSpec, deep: bool) -> Iterator[Check]:
 # --- local: the embedded cluster on this machine ---------------------------------------------
 
 
-def local_checks(backend: LocalBackend, job: JobSpec, deep: bool) -> Iterator[Check]:
+def local_checks(backend: LocalBackend, job: JobSpec, staged: Future[int] | None) -> Iterator[Check]:
     cpus = backend.cluster.num_cpus or os.cpu_count() or 1
     gpus = 0
     if job.resources.gpus_per_worker:
@@ -99,14 +105,14 @@ def local_checks(backend: LocalBackend, job: JobSpec, deep: bool) -> Iterator[Ch
         job,
         "lower resources.num_workers or resources.cpus_per_worker (or raise num_cpus in the cluster file)",
     )
-    if deep:
-        yield local_staging(job)
+    if staged is not None:
+        yield local_staging(staged.result())
 
 
 # --- Ray: the dashboard's REST API and a Ray Job ----------------------------------------------
 
 
-def ray_checks(backend: RayJobsBackend, job: JobSpec, deep: bool) -> Iterator[Check]:
+def ray_checks(backend: RayJobsBackend, job: JobSpec, staged: Future[int] | None) -> Iterator[Check]:
     try:
         client = backend._client()
         with backend._errors():
@@ -124,12 +130,12 @@ def ray_checks(backend: RayJobsBackend, job: JobSpec, deep: bool) -> Iterator[Ch
         job,
         "lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes to the cluster",
     )
-    if not deep:
+    if staged is None:
         here = local_versions()["ray"]
         yield versions_agree({"ray": here}, {"ray": version["ray_version"]}, "on the cluster")
     else:
         found, failure = _ray_probe(backend, client)
-        yield from _probe_checks(job, found, "a Ray node", failure)
+        yield from _probe_checks(staged, found, "a Ray node", failure)
 
 
 def _alive_nodes(client: Any, wait_s: float = 15.0) -> list[dict[str, Any]]:
@@ -170,7 +176,7 @@ def _ray_probe(backend: RayJobsBackend, client: Any) -> tuple[dict[str, Any] | N
 # --- Slurm: sinfo, and the probe as one short srun --------------------------------------------
 
 
-def slurm_checks(backend: SlurmBackend, job: JobSpec, deep: bool) -> Iterator[Check]:
+def slurm_checks(backend: SlurmBackend, job: JobSpec, staged: Future[int] | None) -> Iterator[Check]:
     from sft_cluster.launch.slurm_render import node_range
     from sft_cluster.launch.slurm_status import run
 
@@ -213,9 +219,9 @@ def slurm_checks(backend: SlurmBackend, job: JobSpec, deep: bool) -> Iterator[Ch
     yield Check(
         "resources", enough, detail, "" if enough else "lower the workers or nodes, or use another partition"
     )
-    if deep:
+    if staged is not None:
         found, failure = _slurm_probe(backend)
-        yield from _probe_checks(job, found, f"a node of {where}", failure)
+        yield from _probe_checks(staged, found, f"a node of {where}", failure)
 
 
 def _gres_gpus(gres: str) -> int:
