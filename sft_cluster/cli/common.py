@@ -69,13 +69,8 @@ def show(request: Request) -> None:
 
 def check_data(job_path: Path, job: JobSpec) -> None:
     from sft_cluster.data import check_sources
-    from sft_cluster.data.evalset import eval_data
 
     problems = check_sources(job.data, job.storage)
-    if job.data.eval:
-        problems += [
-            p.replace("data.sources[", "data.eval[") for p in check_sources(eval_data(job.data), job.storage)
-        ]
     if problems:
         fail([f"{job_path}: {p}" for p in problems])
 

@@ -64,10 +64,9 @@ def submit_or_dry_run(
 def _check_before_sending(backend: Backend, job: JobSpec) -> None:
     """``doctor``'s fast checks (the cluster answers, versions agree, the output folder takes a
     write): a submission that would fail on one of them is not sent (exit 2)."""
-    from sft_cluster.launch.probes import SUBMIT_CHECKS, diagnose
+    from sft_cluster.launch.probes import diagnose
 
-    checks = (check for check in diagnose(backend, job, deep=False) if check.name in SUBMIT_CHECKS)
-    failed = [check for check in checks if not check.ok]
+    failed = [check for check in diagnose(backend, job, deep=False) if not check.ok]
     if failed:
         lines = [f"{check.detail}" + (f" (fix: {check.fix})" if check.fix else "") for check in failed]
         fail([*lines, "nothing was submitted ('sft-cluster doctor' runs every check)"])

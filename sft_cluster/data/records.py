@@ -90,22 +90,24 @@ def resolve_source_uris(source: SourceSpec, data: DataSpec, store: StorageSpec) 
 
 
 def check_sources(data: DataSpec, store: StorageSpec) -> list[str]:
-    """Problems that would stop training, found before any worker starts."""
+    """Problems that would stop training or evaluation, found before any worker starts: each
+    source of ``data.sources`` and ``data.eval`` lists, and its first object's format is known."""
     problems = []
-    for index, source in enumerate(data.sources):
-        field = f"data.sources[{index}].uri"
-        try:
-            uris = resolve_source_uris(source, data, store)
-        except Exception as exc:  # noqa: BLE001 - storage errors vary by backend
-            problems.append(f"{field} = {source.uri!r}: cannot list it: {type(exc).__name__}: {exc}")
-            continue
-        if not uris:
-            problems.append(f"{field} = {source.uri!r}: matches no file; check the path")
-            continue
-        try:
-            format_of(uris[0], source.format)
-        except DataError as exc:
-            problems.append(f"{field}: {exc}")
+    for section, sources in (("data.sources", data.sources), ("data.eval", data.eval)):
+        for index, source in enumerate(sources):
+            field = f"{section}[{index}].uri"
+            try:
+                uris = resolve_source_uris(source, data, store)
+            except Exception as exc:  # noqa: BLE001 - storage errors vary by backend
+                problems.append(f"{field} = {source.uri!r}: cannot list it: {type(exc).__name__}: {exc}")
+                continue
+            if not uris:
+                problems.append(f"{field} = {source.uri!r}: matches no file; check the path")
+                continue
+            try:
+                format_of(uris[0], source.format)
+            except DataError as exc:
+                problems.append(f"{field}: {exc}")
     return problems
 
 

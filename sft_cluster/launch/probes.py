@@ -63,14 +63,13 @@ def _probe_checks(
     )
 
 
-# What ``submit`` and ``sbatch`` check before sending (run with ``deep=False``): a resource
-# shortfall is not among them, as a cluster that scales up or a queue may still run the job.
-SUBMIT_CHECKS = ("cluster", "versions", "output")
-
-
 def diagnose(backend: Any, job: JobSpec, deep: bool) -> Iterator[Check]:
     """Every check for ``job`` on ``backend``'s cluster, as each finishes: the cluster first (one that
-    does not answer is the likeliest failure), then the output folder, and with ``deep`` the data."""
+    does not answer is the likeliest failure), then the output folder, and with ``deep`` the data.
+
+    Without ``deep`` (what ``submit`` and ``sbatch`` run before sending) only the cluster, Ray's
+    version and the output folder are checked: no probe job, no tokenizer, and no resources, as a
+    cluster that scales up or a queue may still run a job it cannot hold today."""
     kinds = {"local": local_checks, "ray": ray_checks, "slurm": slurm_checks}
     with ThreadPoolExecutor(1) as pool:
         # The work done here (reading and tokenizing the data, then counting the model's parameters)
@@ -113,16 +112,23 @@ def local_checks(backend: LocalBackend, job: JobSpec, staged: Future[int] | None
 
 
 def ray_checks(backend: RayJobsBackend, job: JobSpec, staged: Future[int] | None) -> Iterator[Check]:
+    deep = staged is not None
     try:
         client = backend._client()
         with backend._errors():
             version = client._do_request("GET", "/api/version").json()
-            alive = _alive_nodes(client)
+            alive = _alive_nodes(client) if deep else None
     except LaunchError as exc:
         yield Check("cluster", False, str(exc), f"check address and auth in {backend.cluster_file}")
         return
     address, _ = backend.address()
-    yield Check("cluster", True, f"{address}: Ray {version['ray_version']}, {len(alive)} nodes alive")
+    nodes = "" if alive is None else f", {len(alive)} nodes alive"
+    yield Check("cluster", True, f"{address}: Ray {version['ray_version']}{nodes}")
+    if alive is None:
+        yield versions_agree(
+            {"ray": local_versions()["ray"]}, {"ray": version["ray_version"]}, "on the cluster"
+        )
+        return
     totals = [sum(node["resources_total"].get(key, 0) for node in alive) for key in ("CPU", "GPU")]
     yield _resources(
         "resources",
@@ -130,12 +136,8 @@ def ray_checks(backend: RayJobsBackend, job: JobSpec, staged: Future[int] | None
         job,
         "lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes to the cluster",
     )
-    if staged is None:
-        here = local_versions()["ray"]
-        yield versions_agree({"ray": here}, {"ray": version["ray_version"]}, "on the cluster")
-    else:
-        found, failure = _ray_probe(backend, client)
-        yield from _probe_checks(staged, found, "a Ray node", failure)
+    found, failure = _ray_probe(backend, client)
+    yield from _probe_checks(staged, found, "a Ray node", failure)
 
 
 def _alive_nodes(client: Any, wait_s: float = 15.0) -> list[dict[str, Any]]:
@@ -211,6 +213,8 @@ def slurm_checks(backend: SlurmBackend, job: JobSpec, staged: Future[int] | None
     yield Check(
         "cluster", True, f"Slurm {where}: up, {node_total} nodes, {cpus} CPUs and GRES {gres} per node"
     )
+    if staged is None:
+        return
     _, most = node_range(job, cluster)
     node_gpus = _gres_gpus(gres)
     enough = int(node_total) >= most and (not cluster.gpus_per_node or node_gpus >= cluster.gpus_per_node)
@@ -219,9 +223,8 @@ def slurm_checks(backend: SlurmBackend, job: JobSpec, staged: Future[int] | None
     yield Check(
         "resources", enough, detail, "" if enough else "lower the workers or nodes, or use another partition"
     )
-    if staged is not None:
-        found, failure = _slurm_probe(backend)
-        yield from _probe_checks(staged, found, f"a node of {where}", failure)
+    found, failure = _slurm_probe(backend)
+    yield from _probe_checks(staged, found, f"a node of {where}", failure)
 
 
 def _gres_gpus(gres: str) -> int:

@@ -113,3 +113,8 @@ def test_memory_uri_and_glob_and_checks(tmp_path):
         "cannot tell the format" in check_sources(_data(tmp_path, "memory://corpus/c.csv"), StorageSpec())[0]
     )
     assert check_sources(unknown, StorageSpec()) == []
+    with_eval = spec.model_copy(update={"eval": [{"uri": "memory://corpus/held-out-*.jsonl"}]})
+    with_eval = DataSpec.model_validate(with_eval.model_dump())
+    assert check_sources(with_eval, StorageSpec()) == [
+        "data.eval[0].uri = 'memory://corpus/held-out-*.jsonl': matches no file; check the path"
+    ]
