@@ -50,7 +50,9 @@ def save_final_model(trainer: Any, job: JobSpec, encoder: ChatEncoder, out: Path
     dtype = export_dtype(job.export.dtype, trainer.args)
     lora = job.strategy.lora
     base = model.get_base_model() if lora is not None else model
-    if compat.weight_conversions(base):
+    # Every rank takes the same path (the export is collective): rank 0's model, the one loaded from
+    # the weights, decides; a rank that built its model from the config may lack what it is read from.
+    if collectives.broadcast_from_rank0(compat.weight_conversions(base)):
         # Many-to-one key conversions (fused MoE experts) need every tensor at once.
         log.warning("%s saves through weight conversions: final/ is gathered whole on rank 0", type(base))
         _save_gathered(trainer, job, len(encoder.tokenizer), dtype, out)
@@ -91,7 +93,8 @@ def export_model(
     else:
         base, entries = model, _entries(model, gather)
     by_name = {entry.name: entry for entry in entries}
-    ordered = [by_name[name] for name in compat.save_order(base, list(by_name))]
+    order = collectives.broadcast_from_rank0(compat.save_order(base, list(by_name)))  # as above
+    ordered = [by_name[name] for name in order]
     write_safetensors(ordered, out, max_shard_size, main)
     if main:
         _write_config(base, dtype, out)
