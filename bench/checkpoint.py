@@ -155,8 +155,22 @@ class Stall:
     step_s: float  # the median step
 
 
+# Overrides per ``--strategy``: FSDP2 shards over 2 workers, and each saves its own shards.
+STRATEGIES = {
+    "ddp": ["resources.num_workers=1"],
+    "fsdp2": ["resources.num_workers=2", "strategy.kind=fsdp", "strategy.fsdp.version=2"],
+}
+
+
 def stall(
-    server, size: str, model: Path, output_uri: str, asynchronous: bool, steps: int, every: int
+    server,
+    size: str,
+    model: Path,
+    output_uri: str,
+    asynchronous: bool,
+    steps: int,
+    every: int,
+    strategy: str = "ddp",
 ) -> Stall:
     env = {**os.environ, **server.env(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
@@ -172,7 +186,7 @@ def stall(
             "tracking=none",
             f"train.max_steps={steps}",
             f"checkpoint.every_n_steps={every}",
-            "resources.num_workers=1",
+            *STRATEGIES[strategy],
             f"checkpoint.async_upload={str(asynchronous).lower()}",
             *MODELS[size][1],
         ],
@@ -257,6 +271,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--stall-only", action="store_true", help="only part 2")
     parser.add_argument("--targets", default="s3,local", help="where part 2's runs write: s3, local or both")
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp", help="part 2's runs")
     args = parser.parse_args()
     targets = args.targets.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
@@ -274,9 +289,11 @@ def main() -> None:
                 where = (
                     f"s3://{server.make_bucket()}/run" if target == "s3" else str(tmp / f"run-{asynchronous}")
                 )
-                found = stall(server, args.model, model, where, asynchronous, args.steps, args.every)
+                found = stall(
+                    server, args.model, model, where, asynchronous, args.steps, args.every, args.strategy
+                )
                 stalls[target, asynchronous] = found
-                print(f"{args.model} to {target}, async {asynchronous}: {found}", flush=True)
+                print(f"{args.model} {args.strategy} to {target}, async {asynchronous}: {found}", flush=True)
     if not args.stall_only:
         fault = faults(tmp)
         print(
@@ -290,8 +307,9 @@ def main() -> None:
     for target in targets:
         ours, sync = stalls[target, True], stalls[target, False]
         print(
-            f"{args.model} to {target}: training held per checkpoint: async {ours.held_s:.2f} s, "
-            f"sync {sync.held_s:.2f} s; ratio {ours.held_s / sync.held_s:.3f}. Step after a save minus "
+            f"{args.model} {args.strategy} to {target}: training held per checkpoint: async "
+            f"{ours.held_s:.2f} s, sync {sync.held_s:.2f} s; ratio {ours.held_s / sync.held_s:.3f}. "
+            "Step after a save minus "
             f"the median step ({ours.step_s:.2f} s): async {ours.after_save_s:.2f} s, sync "
             f"{sync.after_save_s:.2f} s; over the interval: async {ours.interval_s:.2f} s, sync "
             f"{sync.interval_s:.2f} s"

@@ -52,6 +52,22 @@ def control_group() -> Any:
     return _control[1]
 
 
+_background: list[Any] = []  # [default group, the background group], once made
+
+
+def background_group() -> Any:
+    """A gloo group for collectives run off the training thread (an FSDP2 checkpoint's DCP write in
+    the upload thread), made once per default group by every rank alike, on the training thread.
+
+    Two threads must never share a group: their collectives would pair up across threads. So this
+    is never the default group or the control group, even where those serve CPU tensors.
+    """
+    default = dist.group.WORLD
+    if not _background or _background[0] is not default:
+        _background[:] = [default, dist.new_group(backend="gloo")]
+    return _background[1]
+
+
 def all_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank."""
     if not distributed():

@@ -73,6 +73,38 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def staged_sharded_save(model: Any, optimizer: Any, output_dir: str, stager: Any) -> Callable[[], None]:
+    """FSDP2: this rank's shards of the model and optimizer state copied to host memory now
+    (``stager``, ``compat.sharded_stager``), and the write of accelerate's sharded checkpoint from
+    that copy, to run later (collective: every rank runs its write, in its upload thread).
+
+    The write's DCP collectives (planning, metadata) go over ``collectives.background_group()``:
+    the training thread's own collectives use the control group meanwhile, and two threads must
+    never share a group. The layout is ``save_fsdp_model``'s and ``save_fsdp_optimizer``'s, so
+    the Trainer's resume loads it unchanged.
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from sft_cluster.train import collectives
+
+    group = collectives.background_group()  # made here, on the training thread, by every rank alike
+    staged = stager.stage(
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    )
+
+    def write() -> None:
+        for key, folder in (("model", f"{FSDP_MODEL_NAME}_0"), ("optimizer", f"{OPTIMIZER_NAME}_0")):
+            dcp.save(
+                {key: staged[key]},
+                storage_writer=dcp.FileSystemWriter(str(Path(output_dir) / folder)),
+                process_group=group,
+            )
+
+    return write
+
+
 def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 

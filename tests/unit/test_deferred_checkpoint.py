@@ -147,3 +147,98 @@ def test_a_deferred_write_that_fails_leaves_the_step_uncommitted(tmp_path):
     with pytest.raises(RuntimeError, match=r"checkpoint step 10 failed \(rank 0: OSError: No space left"):
         callback.finish()
     assert not store.is_committed(10) and store.latest(fast=True).step == 5
+
+
+def _fsdp2_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: an FSDP2 model one step into training saves its shards both ways."""
+    import os
+    import threading
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from sft_cluster.train import collectives
+    from sft_cluster.train.snapshot import staged_sharded_save
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(resolve_builtin("builtin:tiny-llama"))
+        )
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step() -> None:
+            ids = torch.arange(32).reshape(2, 16) % 50
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step()
+        stager = compat.sharded_stager(pinned=False)
+        for save in (1, 2):  # the second save refills the first one's host copy
+            # What accelerate's save_fsdp_model and save_fsdp_optimizer write at this step.
+            for key, state in (
+                ("model", get_model_state_dict(model)),
+                ("optimizer", get_optimizer_state_dict(model, optimizer)),
+            ):
+                folder = "pytorch_model_fsdp_0" if key == "model" else "optimizer_0"
+                dcp.save({key: state}, checkpoint_id=f"{out}/direct-{save}/{folder}")
+            write = staged_sharded_save(model, optimizer, f"{out}/staged-{save}", stager)
+            step()  # training goes on before the write, and beside it, with its own collectives
+            writer = threading.Thread(target=write)
+            writer.start()
+            for _ in range(20):
+                collectives.barrier()
+            writer.join()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_are_written_from_the_copy_taken_at_the_save(tmp_path):
+    """``snapshot.staged_sharded_save`` (FSDP2, issue #17.1) on two gloo ranks: accelerate's sharded
+    layout, the state as it was at the save although training went on, written in a background
+    thread while the training thread runs collectives of its own."""
+    import socket
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_fsdp2_rank, args=(port, str(tmp_path)), nprocs=2)
+    for save in (1, 2):
+        for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+            staged, direct = tmp_path / f"staged-{save}" / folder, tmp_path / f"direct-{save}" / folder
+            assert sorted(p.name for p in staged.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+            dcp_to_torch_save(staged, tmp_path / "staged.pt")
+            dcp_to_torch_save(direct, tmp_path / "direct.pt")
+            ours, theirs = torch.load(tmp_path / "staged.pt"), torch.load(tmp_path / "direct.pt")
+            flat_ours, flat_theirs = _flat(ours), _flat(theirs)
+            assert flat_ours.keys() == flat_theirs.keys() and len(flat_ours) > 10
+            for key, value in flat_theirs.items():
+                assert (
+                    torch.equal(flat_ours[key], value)
+                    if isinstance(value, torch.Tensor)
+                    else (flat_ours[key] == value)
+                ), key
+    first = _flat(torch.load(tmp_path / "staged.pt"))  # the second save's optimizer...
+    dcp_to_torch_save(tmp_path / "staged-1" / "optimizer_0", tmp_path / "first.pt")
+    assert any(  # ...is not the first's: the refilled copy holds the state of its own save
+        isinstance(v, torch.Tensor) and not torch.equal(v, first[k])
+        for k, v in _flat(torch.load(tmp_path / "first.pt")).items()
+    )
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, list | tuple):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}/").items()}
+    return {prefix: tree}

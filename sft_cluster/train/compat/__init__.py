@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sft_cluster.train.compat.checkpoint_writes import DeferredCheckpointWrites
+from sft_cluster.train.compat.checkpoint_writes import DeferredCheckpointWrites, sharded_stager
 from sft_cluster.train.compat.export import lora_layers, save_order, weight_conversions
 from sft_cluster.train.compat.fsdp_loading import (
     as_if_loaded,
@@ -32,6 +32,7 @@ __all__ = [
     "lora_layers",
     "save_order",
     "scatter_shards_from_rank0",
+    "sharded_stager",
     "untouched_host_parameters",
     "weight_conversions",
 ]

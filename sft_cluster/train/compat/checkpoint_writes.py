@@ -15,13 +15,19 @@ class DeferredCheckpointWrites:
     optimizer and scheduler through ``_save_optimizer_and_scheduler`` (``torch.save`` of their state
     dicts as ``optimizer.pt``, ``scheduler.pt``); without DeepSpeed or FSDP only ``args.should_save``
     ranks write either, and ``_save(output_dir, state_dict)`` writes the same files from a given
-    state dict. ``deferred_writes()`` (the subclass's) says where the writes go, or None to write
-    at once; it must first see the previous save's writes done, as the next copy refills the host
-    tensors of the last one. DeepSpeed, FSDP and PEFT models always save as the Trainer does.
+    state dict. With FSDP2 and ``SHARDED_STATE_DICT`` ``save_model`` writes nothing and
+    ``_save_optimizer_and_scheduler`` has accelerate write the model and the optimizer with DCP, every
+    rank its shards (``save_fsdp_model``: ``pytorch_model_fsdp_0/`` with ``{"model": ...}``;
+    ``save_fsdp_optimizer``: ``optimizer_0/`` with ``{"optimizer": ...}``), which
+    ``snapshot.staged_sharded_save`` writes alike. ``deferred_writes()`` (the subclass's) says where
+    the writes go, or None to write at once; it must first see the previous save's writes done, as
+    the next copy refills the host tensors of the last one. DeepSpeed, FSDP1, FSDP's full state dict
+    and PEFT models always save as the Trainer does.
     """
 
     _deferred: Any = None  # the save in progress's DeferredWrites
     _host_buffers: dict[str, Any] | None = None  # the host tensors of the last copy, filled again
+    _stager: Any = None  # FSDP2: DCP's stager, which keeps and refills its host copy the same way
 
     def deferred_writes(self) -> Any:
         return None
@@ -31,8 +37,19 @@ class DeferredCheckpointWrites:
             self._host_buffers = {}
         return self._host_buffers
 
+    def _sharded_fsdp2(self) -> bool:
+        from accelerate.utils import is_peft_model
+        from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+        plugin = self.accelerator.state.fsdp_plugin
+        return (
+            plugin.fsdp_version == 2
+            and plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+            and not is_peft_model(self.accelerator.unwrap_model(self.model))
+        )
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self._sharded_fsdp2()):
             return super()._save_checkpoint(model, trial)
         self._deferred = self.deferred_writes()
         try:
@@ -62,11 +79,38 @@ class DeferredCheckpointWrites:
         import torch
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        from sft_cluster.train.snapshot import host_copy
+        from sft_cluster.train.snapshot import host_copy, staged_sharded_save
 
-        if self._deferred is None or not self.args.should_save:
+        if self._deferred is not None and self.is_fsdp_enabled:  # every rank: its own shards
+            os.makedirs(output_dir, exist_ok=True)  # save_fsdp_model made it; the scheduler goes in now
+            if self._stager is None:
+                self._stager = sharded_stager(pinned=self.args.device.type == "cuda")
+            self._deferred.add(staged_sharded_save(self.model, self.optimizer, output_dir, self._stager))
+        elif self._deferred is None or not self.args.should_save:
             return super()._save_optimizer_and_scheduler(output_dir)
-        optimizer = host_copy(self.optimizer.state_dict(), self._buffers(), "optimizer")
-        self._deferred.add(partial(torch.save, optimizer, os.path.join(output_dir, OPTIMIZER_NAME)))
-        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))  # small
+        else:
+            optimizer = host_copy(self.optimizer.state_dict(), self._buffers(), "optimizer")
+            self._deferred.add(partial(torch.save, optimizer, os.path.join(output_dir, OPTIMIZER_NAME)))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))  # small
         return None
+
+
+def sharded_stager(pinned: bool) -> Any:
+    """DCP's stager for FSDP2 saves: a blocking copy on the step (the write waits for the upload
+    thread), host storages kept per live storage and filled again by the next save; pinned host
+    memory on a GPU for the device-to-host copy.
+
+    torch 2.13: ``DefaultStager`` with ``StagingOptions``; ``use_non_blocking_copy`` needs an
+    accelerator, ``use_shared_memory`` is for a separate writer process.
+    """
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=pinned,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=False,
+        )
+    )
