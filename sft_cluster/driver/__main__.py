@@ -96,7 +96,7 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
                 print(told, file=sys.stderr)
                 return code
             path.write_text(dump_job_yaml(workers_job(job, args.nnodes * args.nproc_per_node)))
-            return executor.start_agent()
+            return executor.start_agent(job)
         summary = drive(job, executor, Console(stderr=True))
         code = exitcodes.for_status(summary["status"]) if executor.exit_code is None else executor.exit_code
         if word is not None and executor.exit_code is None:  # refused, or complete: no agent starts

@@ -30,6 +30,7 @@ from sft_cluster.data import DataError, ShardPlan, build_plan, list_sources, pla
 from sft_cluster.driver.resize import read_plan, resume_plan
 from sft_cluster.spec import JobSpec, dump_job_yaml
 from sft_cluster.tracking import RUN_ID_ENV, RunDir, run_dir_of
+from sft_cluster.tracking.trackers import missing_packages
 from sft_cluster.train.batch import BatchSplit, batch_split, global_batch
 from sft_cluster.train.settings import (
     GLOBAL_BATCH_KEY,
@@ -211,6 +212,14 @@ def check_kernels(job: JobSpec) -> None:
         )
 
 
+def check_trackers(job: JobSpec) -> None:
+    """Refuse (RunRefused) an MLflow or W&B ``tracking`` whose package is missing where the run starts,
+    rather than a failure in the middle of training."""
+    problems = missing_packages(job)
+    if problems:
+        raise RunRefused("; ".join(problems))
+
+
 def _fits(plan: ShardPlan, job: JobSpec) -> list[str]:
     """Why ``plan`` cannot serve this job (empty: it can)."""
     problems = []
@@ -248,11 +257,12 @@ def ensure_plan(
 
 
 def claim_run(job: JobSpec, world_size: int, notify: Callable[[str], None], nodes: int = 1) -> RunStart:
-    """Check this start (see ``check_reach``, ``check_kernels`` and ``check_start``; ``nodes``: how
-    many nodes may run its workers), then take the run directory: its plan, the resolved
-    ``job.yaml`` (what ``sft-cluster resume`` reads) and ``run.json``."""
+    """Check this start (see ``check_reach``, ``check_kernels``, ``check_trackers`` and
+    ``check_start``; ``nodes``: how many nodes may run its workers), then take the run directory:
+    its plan, the resolved ``job.yaml`` (what ``sft-cluster resume`` reads) and ``run.json``."""
     check_reach(job, nodes)
     check_kernels(job)
+    check_trackers(job)
     resuming = check_start(job)
     check_trainable(job)
     plan, split = ensure_plan(job, world_size, notify, resuming=resuming)

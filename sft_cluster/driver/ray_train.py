@@ -26,10 +26,12 @@ from rich.console import Console
 from sft_cluster import storage
 from sft_cluster.console import ProgressDisplay
 from sft_cluster.data import DataError
+from sft_cluster.driver.ray_hangs import watch_hangs
 from sft_cluster.driver.resize import resume_plan
 from sft_cluster.driver.run import Outcome, Prepared, drive
 from sft_cluster.driver.stopfile import StopFile
-from sft_cluster.spec import JobSpec
+from sft_cluster.driver.watchdog import Hang, Watchdog, first_attempt
+from sft_cluster.spec import JobSpec, WatchdogSpec
 from sft_cluster.tracking import RunDir, run_dir_of
 from sft_cluster.train.batch import BatchSplit, misfits, with_split
 from sft_cluster.train.steps import planned_steps
@@ -47,7 +49,8 @@ class ProgressChannel:
     ``CommitBeforeResize``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watchdog: WatchdogSpec, first_attempt: int) -> None:
+        self.watchdog = Watchdog(watchdog, first_attempt)  # fed every heartbeat, asked by ``watch_hangs``
         self._events: list[dict[str, Any]] = []
         self._stop = False
         self._save = False
@@ -56,6 +59,8 @@ class ProgressChannel:
         self.stepped_at = time.monotonic()
 
     def push(self, event: dict[str, Any]) -> None:
+        if self.watchdog.observe(event, time.monotonic()):
+            return
         self._events.append(event)
         kind = event.get("kind")
         if kind == "start":
@@ -66,6 +71,9 @@ class ProgressChannel:
             self.committed, self._save = event["step"], False
         elif kind == "step":
             self.stepped_at = time.monotonic()
+
+    def hung(self) -> Hang | None:
+        return self.watchdog.check(time.monotonic())
 
     def request_save(self) -> None:
         self._save = True
@@ -311,7 +319,7 @@ class RayTrainExecutor:
         # On the driver's node: a 0-CPU actor may land on any node, and one that is lost would take
         # the progress display and stop requests with it.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        channel = ProgressChannel.options(scheduling_strategy=here).remote()
+        channel = ProgressChannel.options(scheduling_strategy=here).remote(job.watchdog, first_attempt(run))
         trainer = TorchTrainer(
             _train_loop_per_worker,
             train_loop_config={
@@ -329,7 +337,9 @@ class RayTrainExecutor:
                 use_gpu=use_gpu,
                 resources_per_worker=self._per_worker(job),
             ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=TorchConfig(
+                backend="nccl" if use_gpu else "gloo", timeout_s=int(job.watchdog.collective_timeout_s)
+            ),
             run_config=RunConfig(
                 # Unique per attempt: Ray Train would treat a reused name as its own resume.
                 name=f"{job.name}-{uuid.uuid4().hex[:8]}",
@@ -346,6 +356,7 @@ class RayTrainExecutor:
                 target=_follow, args=(channel, display, stop, prepared.stop_file), daemon=True
             )
             follower.start()
+            threading.Thread(target=watch_hangs, args=(channel, run, stop), daemon=True).start()
             try:
                 trainer.fit()
                 preempted = any(r.get("preempted") for r in run.worker_reports())

@@ -14,7 +14,9 @@ generic 1, so the batch script requeues; exit 2 (a mistake in the job or its dat
 explained by the worker) stays 2. "Stopped for preemption": at least one worker exited 75
 and every other failed worker either exited 75 or was ended by the agent's own SIGTERM
 (torchrun stops the remaining workers as soon as the first one exits non-zero; every rank
-exits 75 only after the checkpoint of that step is committed, so nothing is lost).
+exits 75 only after the checkpoint of that step is committed, so nothing is lost). A hang that
+this node's watcher ended (``NodeWatch``: stacks written, ranks killed) also exits 75: the run
+failed, and a restart resumes it from its newest commit, as a requeued job does.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sft_cluster.driver.node_watch import NodeWatch
 from sft_cluster.driver.run import Outcome, Prepared
+from sft_cluster.driver.watchdog import Hang
 from sft_cluster.exitcodes import PREEMPTED, USER_ERROR, status_of
 from sft_cluster.spec import JobSpec, dump_job_yaml
+from sft_cluster.tracking import run_dir_of
 
 NODE_RANK_ENV = "SFT_CLUSTER_NODE_RANK"
 _VERDICT_KEY = "sft-cluster/prepared"
@@ -118,6 +123,7 @@ class TorchrunExecutor:
         self.rdzv_id = rdzv_id
         self.rdzv_backend = rdzv_backend
         self.exit_code: int | None = None  # the agent's, once it ran (2 and 1 are both "failed")
+        self.hang: Hang | None = None  # the hang this node's watcher ended, if any
 
     def world(self, job: JobSpec) -> tuple[int, int]:
         return self.nnodes * self.nproc_per_node, self.nnodes
@@ -142,24 +148,30 @@ class TorchrunExecutor:
             str(self.job_file),
         ]
 
-    def start_agent(self) -> int:
-        """Run torchrun's agent until its workers end; the exit code (see ``exit_code``)."""
+    def start_agent(self, job: JobSpec) -> int:
+        """Run torchrun's agent until its workers end, this node's hang watcher beside it; the exit
+        code (see ``exit_code``), ``PREEMPTED`` ("requeue me") when the watcher ended a hang."""
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
-        try:
-            torchrun(self.torchrun_args())
-        except ChildFailedError as exc:
-            codes = {failure.exitcode for failure in exc.failures.values()}
-            print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
-            return exit_code(codes)
-        return 0
+        with NodeWatch(job.watchdog, run_dir_of(job)) as watch:
+            try:
+                torchrun(self.torchrun_args())
+                code = 0
+            except ChildFailedError as exc:
+                codes = {failure.exitcode for failure in exc.failures.values()}
+                print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
+                code = exit_code(codes)
+        self.hang = watch.hang
+        return PREEMPTED if code and self.hang is not None else code
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
         self.job_file.write_text(dump_job_yaml(prepared.job))  # with the batch split the driver chose
         if self.word is not None:
             self.word.give(0)
-        code = self.exit_code = self.start_agent()
+        code = self.exit_code = self.start_agent(prepared.job)
+        if self.hang is not None:  # failed, for the summary; exit 75, so the launcher starts it again
+            return Outcome("failed", f"{self.hang.describe()} (exit code {code}: restart to resume)")
         status = status_of(code)
         return Outcome(status, f"a worker failed (exit code {code})" if status == "failed" else None)
 

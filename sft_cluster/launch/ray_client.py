@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,6 @@ TIMEOUT_ENV = "SFT_CLUSTER_RAY_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 30.0
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TOKEN_VARS = ("RAY_AUTH_TOKEN",)
-_URL_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
-
-
-def redact_text(text: str) -> str:
-    """Hide ``user:password@`` in URLs."""
-    return _URL_USERINFO.sub(r"\1<redacted>@", text)
 
 
 def address_of(cluster: Any, cluster_file: str) -> tuple[str, str]:

@@ -46,10 +46,10 @@ from sft_cluster.launch.base import (
     strategy_of,
     strategy_part,
 )
-from sft_cluster.launch.ray_client import ADDRESS_VARS, TOKEN_VARS, redact_text
+from sft_cluster.launch.ray_client import ADDRESS_VARS, TOKEN_VARS
 from sft_cluster.launch.ray_rundir import JOB_ENV
 from sft_cluster.spec import JobSpec, RayCluster, dump_job_yaml
-from sft_cluster.spec.cluster import CREDENTIAL_VAR
+from sft_cluster.spec.cluster import CREDENTIAL_VAR, redact_text
 from sft_cluster.tracking import RUN_ID_ENV
 
 ENTRYPOINT = f"python -m sft_cluster.driver --job-env {JOB_ENV}"

@@ -15,8 +15,8 @@ import yaml
 
 from sft_cluster import storage
 from sft_cluster.launch.base import LaunchError
-from sft_cluster.launch.ray_client import redact_text
 from sft_cluster.spec import JobSpec
+from sft_cluster.spec.cluster import redact_text
 from sft_cluster.tracking import RunDir, run_dir_of
 
 JOB_ENV = "SFT_CLUSTER_JOB_YAML"

@@ -34,6 +34,7 @@ from sft_cluster.spec.loader import (
     parse_overrides,
 )
 from sft_cluster.spec.strategy import DeepSpeedSpec, FSDPSpec, LoraSpec, StrategySpec
+from sft_cluster.spec.watchdog import WatchdogSpec
 
 __all__ = [
     "CLUSTER_ADAPTER",
@@ -57,6 +58,7 @@ __all__ = [
     "StorageSpec",
     "StrategySpec",
     "TrainSpec",
+    "WatchdogSpec",
     "apply_overrides",
     "check_local_paths",
     "dump_job_yaml",

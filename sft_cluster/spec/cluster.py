@@ -23,6 +23,12 @@ _SLURM_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
 CREDENTIAL_VAR = re.compile(
     r"(?:^|_)(?:API)?(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|SESSION)S?(?:_|$)", re.IGNORECASE
 )
+_URL_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """Hide ``user:password@`` in URLs (a Ray address, an endpoint in a job, an error message)."""
+    return _URL_USERINFO.sub(r"\1<redacted>@", text)
 
 
 def _long_option(line: str) -> str:

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field
 
 from sft_cluster.spec.base import Strict, rule_error
 from sft_cluster.spec.strategy import StrategySpec, strategy_problems
+from sft_cluster.spec.watchdog import WatchdogSpec
 
 # Keys that carry secrets in fsspec storage options (s3fs, gcsfs, adlfs).
 _CREDENTIAL_KEYS = frozenset(
@@ -248,6 +249,7 @@ class JobSpec(Strict):
     tracking: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    watchdog: WatchdogSpec = Field(default_factory=WatchdogSpec)
 
     @field_validator("name")
     @classmethod

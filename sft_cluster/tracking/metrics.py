@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,18 @@ class JsonlLog:
     A local run directory is appended in place. For an object store (which
     cannot append) the lines go to a local file that is uploaded whole at most
     every ``sync_seconds`` and on ``close``. Existing lines are kept, so a
-    resumed run continues the same file.
+    resumed run continues the same file. ``on_append`` gets every record appended (the trackers).
     """
 
-    def __init__(self, uri: str, options: dict[str, Any] | None = None, sync_seconds: float = 10.0):
+    def __init__(
+        self,
+        uri: str,
+        options: dict[str, Any] | None = None,
+        sync_seconds: float = 10.0,
+        on_append: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.uri = uri
+        self.on_append = on_append
         self.options = options or {}
         self.sync_seconds = sync_seconds
         self._last_sync = 0.0
@@ -47,6 +55,8 @@ class JsonlLog:
     def append(self, record: dict[str, Any]) -> None:
         with self._path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.on_append is not None:
+            self.on_append(record)
         if self._remote and time.monotonic() - self._last_sync > self.sync_seconds:
             self.sync()
 

@@ -16,7 +16,9 @@ Layout under ``output_uri``::
     loss.png         the loss curve
     final/           Hugging Face model + tokenizer
     workers/         one JSON per rank: topology and what that rank saw
+    hangs/           attempt-K/rank-N.txt: every rank's Python stacks when the watchdog found a hang
     tensorboard/     event files when ``tracking`` includes tensorboard
+    trackers.json    the MLflow / W&B runs every restart and resume of the run continues
     ray-train/       Ray Train's own storage_path (Ray executor)
     slurm/           the sbatch script, its job.yaml, logs and stop requests (a local output_uri)
 """
@@ -123,6 +125,11 @@ class RunDir:
         return storage.join(self.uri, "tensorboard")
 
     @property
+    def trackers(self) -> str:
+        """``trackers.json``: the ids of the run's MLflow / W&B runs (``sft_cluster.tracking.trackers``)."""
+        return storage.join(self.uri, "trackers.json")
+
+    @property
     def checkpoints(self) -> str:
         return storage.join(self.uri, "checkpoints")
 
@@ -145,6 +152,14 @@ class RunDir:
 
     def worker_report(self, rank: int) -> str:
         return storage.join(self.workers, f"rank-{rank:05d}.json")
+
+    @property
+    def hangs(self) -> str:
+        return storage.join(self.uri, "hangs")
+
+    def hang_stacks(self, attempt: int, rank: int) -> str:
+        """Rank ``rank``'s Python stacks (py-spy) when worker group ``attempt`` hung."""
+        return storage.join(self.hangs, f"attempt-{attempt}", f"rank-{rank}.txt")
 
     def write_json(self, uri: str, data: dict[str, Any]) -> None:
         storage.write_text(uri, json.dumps(data, indent=2, sort_keys=True) + "\n", self.options)

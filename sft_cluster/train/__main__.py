@@ -16,14 +16,17 @@ import torch.distributed as dist
 from sft_cluster import exitcodes
 from sft_cluster.data import DataError
 from sft_cluster.spec import JobSpec, SpecError, load_job
+from sft_cluster.train.heartbeat import node_sink
+from sft_cluster.train.progress import LogSink
 from sft_cluster.train.worker import run_worker
 
 
 def work(job: JobSpec) -> int:
-    """Train this rank of ``job``; the process exit code. Progress goes to the log (``LogSink``)."""
+    """Train this rank of ``job``; the process exit code. Progress goes to the log (``LogSink``),
+    heartbeats to the executor's watcher (``node_sink``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        report = run_worker(job)
+        report = run_worker(job, node_sink(LogSink()))
     except DataError as exc:  # the user's data or plan: say what, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.USER_ERROR

@@ -16,6 +16,7 @@ Without a process group (one process) every helper returns its own input.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -26,6 +27,12 @@ from sft_cluster.train import compat
 T = TypeVar("T")
 
 _control: list[Any] = []  # [default group, its control group], once made
+_timeout: list[timedelta | None] = [None]  # the job's collective timeout (set_timeout); None: torch's
+
+
+def set_timeout(seconds: float) -> None:
+    """Our gloo groups' collective timeout (``watchdog.collective_timeout_s``), before they are made."""
+    _timeout[0] = timedelta(seconds=seconds)
 
 
 def distributed() -> bool:
@@ -47,7 +54,11 @@ def control_group() -> Any:
     """
     default = dist.group.WORLD
     if not _control or _control[0] is not default:  # none yet, or one of a destroyed default group
-        control = default if compat.default_group_serves_cpu() else dist.new_group(backend="gloo")
+        control = (
+            default
+            if compat.default_group_serves_cpu()
+            else dist.new_group(backend="gloo", timeout=_timeout[0])
+        )
         _control[:] = [default, control]
     return _control[1]
 
@@ -64,7 +75,7 @@ def background_group() -> Any:
     """
     default = dist.group.WORLD
     if not _background or _background[0] is not default:
-        _background[:] = [default, dist.new_group(backend="gloo")]
+        _background[:] = [default, dist.new_group(backend="gloo", timeout=_timeout[0])]
     return _background[1]
 
 

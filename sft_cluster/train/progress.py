@@ -23,6 +23,8 @@ class LogSink:
         self.every = every
 
     def emit(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "beat":  # for a driver's watchdog (sft_cluster.train.heartbeat)
+            return
         if event.get("kind") == "notice":
             log.info("%s", event["message"])
         elif event.get("kind") != "step":

@@ -36,7 +36,7 @@ def sft_config(
         seed=train.seed,
         logging_steps=train.logging_steps,
         save_strategy="steps",  # every save_steps, set with max_steps by set_steps
-        report_to=list(job.tracking),
+        report_to=[t for t in job.tracking if t == "tensorboard"],  # MLflow, W&B: tracking.trackers
         disable_tqdm=True,
         log_level="warning",
         # Without use_cpu a CPU rank trains alone even inside a process group.
@@ -45,6 +45,7 @@ def sft_config(
         fp16=precision == "fp16",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        ddp_timeout=int(job.watchdog.collective_timeout_s),  # the hang watchdog fires first
         # Rows come packed and labelled from our stream (sft_cluster.data.stream).
         dataset_kwargs={"skip_prepare_dataset": True},
         # Resume restores the stream's own cursor; HF's batch skip would skip on top of it.

@@ -29,11 +29,13 @@ from sft_cluster.data.evalset import eval_batches, train_filter
 from sft_cluster.data.stream import PackedDataset, collate_rows
 from sft_cluster.spec import JobSpec
 from sft_cluster.tracking import JsonlLog, run_dir_of
+from sft_cluster.tracking.trackers import Trackers, open_trackers
 from sft_cluster.train import collectives, compat, flops, signals, staging, zero_universal
 from sft_cluster.train.callbacks import ProgressCallback
 from sft_cluster.train.checkpointing import CommitCallback, fetch_checkpoint, find_resume_step, restore_states
 from sft_cluster.train.evaluation import EvalCallback
 from sft_cluster.train.export import save_final_model
+from sft_cluster.train.heartbeat import Heartbeat
 from sft_cluster.train.interval import AutoInterval
 from sft_cluster.train.model import build_model, load_chat
 from sft_cluster.train.plans import eval_plan, prepared_plan
@@ -101,6 +103,7 @@ class Training:
     progress: ProgressCallback
     recorder: RecordingCollator
     metrics: JsonlLog | None
+    trackers: Trackers | None
 
 
 def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool = False) -> dict[str, Any]:
@@ -116,8 +119,8 @@ def run_worker(job: JobSpec, sink: ProgressSink | None = None, verify_fast: bool
     staging.sweep()  # folders of attempts that were killed on this node
     with staging.staging(f"{job.name}-rank{collectives.rank_and_world()[0]}") as stage:
         parts = build_components(job, sink or LogSink(), stage, verify_fast)
-        with restore(parts) as resume:
-            return finish(parts, train(parts, resume), started)
+        with restore(parts) as resume, open_trackers(job, _notifier(parts.sink), parts.rank) as trackers:
+            return finish(parts, train(parts, resume, trackers), started)  # finish ends the trackers
 
 
 def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast: bool) -> Components:
@@ -169,6 +172,7 @@ def build_components(job: JobSpec, sink: ProgressSink, stage: Path, verify_fast:
 def _set_up_process(job: JobSpec, stage: Path) -> tuple[ChatEncoder, StrategyPlan, SFTConfig]:
     """Precision, tokenizer, strategy and the Trainer's arguments, which set up the process group."""
     rank, world_size = collectives.rank_and_world()
+    collectives.set_timeout(job.watchdog.collective_timeout_s)
     on_gpu = gpu_worker(job)
     precision = resolve_precision(job, on_gpu and bf16_capable())
     if rank == 0 and "tensorboard" in job.tracking:
@@ -254,11 +258,13 @@ def _resume_point(parts: Components) -> tuple[int | None, Path | None, bool]:
     return step, folder, universal
 
 
-def train(parts: Components, resume: Resume) -> Training:
-    """Train from ``resume`` to the run's last step, or until a stop request (right after a commit)."""
+def train(parts: Components, resume: Resume, trackers: Trackers | None) -> Training:
+    """Train from ``resume`` to the run's last step, or until a stop request (right after a commit);
+    ``trackers`` get every metrics record."""
     job, sink, rank = parts.job, parts.sink, parts.rank
-    metrics = _metrics_log(parts, resume.step)
+    metrics = _metrics_log(parts, resume.step, trackers)
     evaluator = _eval_callback(parts) if job.train.eval_every_n_steps else None
+    beats = Heartbeat(sink, rank, evaluator) if job.watchdog.enabled else None  # last: see Heartbeat
     progress = ProgressCallback(
         metrics,
         sink,
@@ -284,7 +290,7 @@ def train(parts: Components, resume: Resume) -> Training:
     )
     recorder = RecordingCollator(collate_rows)
     interval = _auto_interval(parts) if job.checkpoint.every_n_steps == "auto" else None
-    callbacks = [c for c in (evaluator, progress, committer, interval) if c is not None]
+    callbacks = [c for c in (evaluator, progress, committer, interval, beats) if c is not None]
     callbacks += list(parts.states.values())
     trainer = streaming_trainer(
         parts.model, parts.args, parts.dataset, recorder, parts.encoder, parts.strategy, callbacks
@@ -297,7 +303,7 @@ def train(parts: Components, resume: Resume) -> Training:
     sink.emit({"kind": "start", "rank": rank, "world_size": parts.world_size, "resumed_from": resume.step})
     trainer.train(resume_from_checkpoint=str(resume.folder) if resume.folder else None)
     committer.finish()
-    return Training(trainer, committer, progress, recorder, metrics)
+    return Training(trainer, committer, progress, recorder, metrics, trackers)
 
 
 def _auto_interval(parts: Components) -> AutoInterval:
@@ -318,12 +324,13 @@ def _device_peak(args: SFTConfig) -> float | None:
     return flops.peak_flops(torch.cuda.get_device_name(args.device), precision)
 
 
-def _metrics_log(parts: Components, resume_step: int | None) -> JsonlLog | None:
-    """Rank 0's ``metrics.jsonl``, cut back to the resumed step (the steps past it are trained again)."""
+def _metrics_log(parts: Components, resume_step: int | None, trackers: Trackers | None) -> JsonlLog | None:
+    """Rank 0's ``metrics.jsonl``, cut back to the resumed step (the steps past it are trained again),
+    each record appended also sent to the ``trackers``."""
     if parts.rank != 0:
         return None
     run = run_dir_of(parts.job)
-    metrics = JsonlLog(run.metrics, run.options)
+    metrics = JsonlLog(run.metrics, run.options, on_append=trackers.log if trackers is not None else None)
     lost = metrics.truncate_after(resume_step or 0)
     if resume_step is not None:
         event = {"event": "resumed", "step": resume_step, "time": time.time()}
@@ -358,7 +365,7 @@ def _eval_callback(parts: Components) -> EvalCallback:
 
 def finish(parts: Components, training: Training, started: float) -> dict[str, Any]:
     """Save and upload the final model (unless stopped early), upload TensorBoard logs, close the
-    metrics, and write this rank's report."""
+    metrics and end the tracker runs, and write this rank's report."""
     job, rank, trainer = parts.job, parts.rank, training.trainer
     run = run_dir_of(job)
     preempted = training.committer.stopped_for_preemption
@@ -373,6 +380,8 @@ def finish(parts: Components, training: Training, started: float) -> dict[str, A
         storage.upload_dir(parts.stage / "tensorboard", run.tensorboard, run.options)
     if training.metrics is not None:
         training.metrics.close()
+    if training.trackers is not None:
+        training.trackers.close("preempted" if preempted else "completed")
     report = worker_report(trainer, training.recorder, rank, parts.world_size, started, training.progress)
     report["preempted"] = preempted
     parts.dataset.close()  # the prefetch thread stops before its counters are read

@@ -220,7 +220,7 @@ def test_missing_key_without_a_typo_is_reported(in_tmp: Path) -> None:
     assert job_errors(MINIMAL.replace("train: {max_steps: 10}", "steps: 10")) == [
         "error: jobs/smoke.yaml: train: missing (required)",
         "error: jobs/smoke.yaml: unknown key 'steps' (valid keys: name, output_uri, model, data, "
-        "train, strategy, checkpoint, resources, tracking, storage, export)",
+        "train, strategy, checkpoint, resources, tracking, storage, export, watchdog)",
     ]
 
 

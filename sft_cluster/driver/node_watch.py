@@ -1,0 +1,84 @@
+"""The torchrun executor's end of the hang watchdog: one watcher per node, beside torchrun's agent.
+
+The workers of this node append their heartbeats to files in a node-local folder
+(``sft_cluster.train.heartbeat.BeatFiles``); a thread reads them into a ``Watchdog`` and, on a
+hang, writes this node's ranks' stacks, records the hang and kills those ranks. When one rank
+hangs, every rank stalls in its next collective, so every node's watcher fires on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sft_cluster.driver.watchdog import Hang, Watchdog, first_attempt, py_spy_dump, record_hang
+from sft_cluster.spec import WatchdogSpec
+from sft_cluster.tracking import RunDir
+from sft_cluster.train.heartbeat import BEATS_ENV
+
+
+class NodeWatch:
+    """While open: ``BEATS_ENV`` names the folder for the workers it starts; ``hang`` is the hang it
+    ended, if any."""
+
+    def __init__(self, spec: WatchdogSpec, run: RunDir, poll_s: float = 0.25):
+        self.watchdog = Watchdog(spec, first_attempt(run))
+        self.run = run
+        self.poll_s = poll_s
+        self.hang: Hang | None = None
+        self._folder = Path(tempfile.mkdtemp(prefix="sftc-beats-"))
+        self._read: dict[Path, int] = {}  # bytes of each file read so far
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> NodeWatch:
+        os.environ[BEATS_ENV] = str(self._folder)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        os.environ.pop(BEATS_ENV, None)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _take_new_lines(self) -> None:
+        for path in sorted(self._folder.glob("rank-*.jsonl")):
+            with path.open("rb") as handle:
+                handle.seek(self._read.get(path, 0))
+                chunk = handle.read()
+            whole = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+            self._read[path] = self._read.get(path, 0) + len(whole)
+            now = time.monotonic()
+            for line in whole.splitlines():
+                self.watchdog.observe(json.loads(line), now)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._take_new_lines()
+            hang = self.watchdog.check(time.monotonic())
+            if hang is not None and self.hang is None:
+                self.hang = hang
+                self._end(hang)
+
+    def _end(self, hang: Hang) -> None:
+        """Stacks first (a kill wakes the others' collectives), then the kills, also when recording
+        the stacks failed."""
+        pids = {rank: beat.pid for rank, beat in hang.beats.items()}
+        stacks = {rank: py_spy_dump(pid) for rank, pid in pids.items()}
+        try:
+            where = f"this node's ranks' stacks are in {record_hang(self.run, hang, stacks)}"
+        except Exception as exc:  # the attempt must end all the same
+            where = f"the stacks could not be recorded ({exc})"
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        print(f"sft-cluster: {hang.describe()}; {where}; ending the attempt", file=sys.stderr, flush=True)
