@@ -61,6 +61,24 @@ def _control_plane_round(rank: int, tmp: Path) -> dict:
     out["broadcast"] = collectives.broadcast_from_rank0(f"from rank {rank}")
     collectives.barrier()
 
+    # An FSDP2 checkpoint's DCP write runs in the upload thread over the background group while
+    # the training thread runs control collectives (snapshot.staged_sharded_save).
+    import threading
+
+    import torch.distributed.checkpoint as dcp
+
+    group = collectives.background_group()
+    writer = threading.Thread(
+        target=dcp.save,
+        args=({f"shard-{rank}": torch.full((4,), float(rank))},),
+        kwargs={"checkpoint_id": str(tmp / "dcp"), "process_group": group},
+    )
+    writer.start()
+    out["beside_the_write"] = [collectives.all_true(True) for _ in range(10)]
+    writer.join()
+    collectives.barrier()
+    out["dcp_files"] = sorted(p.name for p in (tmp / "dcp").iterdir())
+
     # The checkpoint protocol: stage, split the files, upload, commit, stop flag, resume, fetch.
     store = CheckpointStore(str(tmp / "run" / "checkpoints"))
     trainer_dir = tmp / f"trainer-{rank}"
@@ -166,6 +184,8 @@ def test_every_control_plane_helper_runs_on_a_cuda_only_default_group(tmp_path):
         assert result["sum_max"] == [[3.0, 4.0], [1.0]]
         assert result["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert result["broadcast"] == "from rank 0"
+        assert result["beside_the_write"] == [True] * 10
+        assert result["dcp_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
         assert result["stopped"] is True and result["committed"] == [5]
         assert result["resume_step"] == 5 and result["fetched_exist"]
         # per eval token: rank 0 has 2 counted tokens of 1.0, rank 1 has 4 of 2.0 (labels shift by one)
