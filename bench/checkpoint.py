@@ -155,10 +155,12 @@ class Stall:
     step_s: float  # the median step
 
 
-# Overrides per ``--strategy``: FSDP2 shards over 2 workers, and each saves its own shards.
+# Overrides per ``--strategy``: FSDP2 and ZeRO shard over 2 workers, and each saves its own shards.
 STRATEGIES = {
     "ddp": ["resources.num_workers=1"],
     "fsdp2": ["resources.num_workers=2", "strategy.kind=fsdp", "strategy.fsdp.version=2"],
+    "zero2": ["resources.num_workers=2", "strategy.kind=deepspeed", "strategy.deepspeed.stage=2"],
+    "zero3": ["resources.num_workers=2", "strategy.kind=deepspeed", "strategy.deepspeed.stage=3"],
 }
 
 

@@ -242,3 +242,34 @@ def _flat(tree, prefix: str = "") -> dict:
     if isinstance(tree, list | tuple):
         return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}/").items()}
     return {prefix: tree}
+
+
+def test_deepspeed_engine_saves_are_written_later_from_the_copy_taken_at_the_save(tmp_path):
+    """DeepSpeed (issue #17.1): ``save_checkpoint`` writes through its checkpoint engine; wrapped, each
+    ``save`` copies the state at once and DeepSpeed's own engine writes the file in the upload thread."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from sft_cluster.train.compat.checkpoint_writes import DeferredEngineSaves
+
+    writes, buffers = DeferredWrites(), {}
+    engine = DeferredEngineSaves(TorchCheckpointEngine(), writes, buffers)
+    assert engine.is_decoupled() is False  # all but save is DeepSpeed's engine
+    folder = tmp_path / "global_step2"
+    folder.mkdir()
+    weights = torch.arange(6.0)
+    for step in (1, 2):  # the second save refills the first one's host tensors
+        state = {"module": {"w": weights, "tied": weights}, "optimizer": [{"exp_avg": weights * 2}]}
+        engine.save(state, str(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        at_save = weights.clone()
+        weights.add_(1.0)  # training goes on
+        assert not any(folder.iterdir())
+        assert writes.run(tmp_path) == ["global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        loaded = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+        assert torch.equal(loaded["module"]["w"], at_save) and torch.equal(
+            loaded["optimizer"][0]["exp_avg"], at_save * 2
+        )
+        assert loaded["module"]["w"].data_ptr() == loaded["module"]["tied"].data_ptr()
+        if step == 1:
+            first = {name: id(tensor) for name, tensor in buffers.items()}
+            (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert {name: id(tensor) for name, tensor in buffers.items()} == first

@@ -21,8 +21,10 @@ class DeferredCheckpointWrites:
     ``save_fsdp_optimizer``: ``optimizer_0/`` with ``{"optimizer": ...}``), which
     ``snapshot.staged_sharded_save`` writes alike. ``deferred_writes()`` (the subclass's) says where
     the writes go, or None to write at once; it must first see the previous save's writes done, as
-    the next copy refills the host tensors of the last one. DeepSpeed, FSDP1, FSDP's full state dict
-    and PEFT models always save as the Trainer does.
+    the next copy refills the host tensors of the last one. With DeepSpeed, ``_save_optimizer_and_scheduler``
+    has the engine's ``save_checkpoint`` write every file through its checkpoint engine, whose ``save``
+    is deferred the same way (``DeferredEngineSaves``). FSDP1, FSDP's full state dict and PEFT
+    weights always save as the Trainer does.
     """
 
     _deferred: Any = None  # the save in progress's DeferredWrites
@@ -49,7 +51,7 @@ class DeferredCheckpointWrites:
         )
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self._sharded_fsdp2()):
+        if self.is_fsdp_enabled and not self._sharded_fsdp2():
             return super()._save_checkpoint(model, trial)
         self._deferred = self.deferred_writes()
         try:
@@ -64,7 +66,13 @@ class DeferredCheckpointWrites:
 
         from sft_cluster.train.snapshot import host_copy
 
-        if self._deferred is None or not self.args.should_save or not isinstance(self.model, PreTrainedModel):
+        dummy = state_dict is not None and not state_dict  # DeepSpeed's, removed right after it is written
+        if (
+            self._deferred is None
+            or dummy
+            or not self.args.should_save
+            or not isinstance(self.model, PreTrainedModel)
+        ):
             return super()._save(output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)  # the small files of the save go in now
         copy = host_copy(
@@ -81,6 +89,15 @@ class DeferredCheckpointWrites:
 
         from sft_cluster.train.snapshot import host_copy, staged_sharded_save
 
+        if self._deferred is not None and self.is_deepspeed_enabled:  # every rank: its own files
+            engine = self.model_wrapped
+            engine.checkpoint_engine = DeferredEngineSaves(
+                engine.checkpoint_engine, self._deferred, self._buffers()
+            )
+            try:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            finally:
+                engine.checkpoint_engine = engine.checkpoint_engine.engine
         if self._deferred is not None and self.is_fsdp_enabled:  # every rank: its own shards
             os.makedirs(output_dir, exist_ok=True)  # save_fsdp_model made it; the scheduler goes in now
             if self._stager is None:
@@ -94,6 +111,33 @@ class DeferredCheckpointWrites:
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))  # small
         return None
+
+
+class DeferredEngineSaves:
+    """A DeepSpeed checkpoint engine whose ``save(state_dict, path)`` copies the state to host memory
+    and leaves the file to ``deferred``; everything else is the wrapped ``engine``'s.
+
+    deepspeed 0.19: ``save_checkpoint`` writes the model states (rank 0; under ZeRO-3 every rank its
+    partition) and each rank's optimizer partition with ``checkpoint_engine.save`` and only the
+    ``latest`` tag and the recovery script directly, which stay on the step (small). The host
+    tensors are kept per file name (``buffers``), so the next save refills them.
+    """
+
+    def __init__(self, engine: Any, deferred: Any, buffers: dict[str, Any]):
+        self.engine = engine
+        self._deferred = deferred
+        self._buffers = buffers
+
+    def save(self, state_dict: Any, path: str) -> None:
+        from functools import partial
+
+        from sft_cluster.train.snapshot import host_copy
+
+        copy = host_copy(state_dict, self._buffers, f"deepspeed/{os.path.basename(path)}")
+        self._deferred.add(partial(self.engine.save, copy, path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
 
 
 def sharded_stager(pinned: bool) -> Any:
