@@ -45,7 +45,7 @@ def host_copy(value: Any, buffers: dict[str, torch.Tensor] | None = None, path: 
             if key not in copies:
                 old = None if buffers is None else buffers.get(where)
                 fits = old is not None and (old.shape, old.stride(), old.dtype) == key[2:]
-                copies[key] = old.copy_(item) if fits else item.to("cpu", copy=True)
+                copies[key] = old.copy_(item) if fits else _host_tensor(item)
             if buffers is not None:
                 buffers[where] = copies[key]
             return copies[key]
@@ -57,6 +57,15 @@ def host_copy(value: Any, buffers: dict[str, torch.Tensor] | None = None, path: 
 
     with _one_thread():
         return copy(value, path)
+
+
+def _host_tensor(item: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``item``, in pinned memory when it comes from a GPU: a device-to-host copy
+    into pageable memory goes through a staging buffer at a fraction of the bus speed, and the
+    pinned tensors are allocated once (later saves refill them). ``scripts/gpu_check.sh`` runs it."""
+    if item.device.type == "cpu":
+        return item.to("cpu", copy=True)
+    return torch.empty_like(item, device="cpu", pin_memory=True).copy_(item)
 
 
 @contextmanager
