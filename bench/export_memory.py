@@ -8,11 +8,13 @@ vocabulary 32,000, untied: 1.29 GB in fp32) on 2 CPU ranks over gloo, each
 strategy and path in a fresh pair of processes:
 
 - ddp: the whole model on each rank (DDP's module);
-- fsdp2: ``fully_shard`` per decoder layer and at the root (DTensor parameters).
+- fsdp2: ``fully_shard`` per decoder layer and at the root (DTensor parameters);
+- zero3: a DeepSpeed ZeRO-3 engine (CPU accelerator, torch AdamW, every parameter partitioned).
 
 - old: what ``save_final_model`` did before #17.5: accelerate's
   ``get_state_dict`` (FSDP2: ``get_model_state_dict`` with ``full_state_dict,
-  broadcast_from_rank0, cpu_offload``; DDP: the module's ``state_dict()``),
+  broadcast_from_rank0, cpu_offload``; DDP: the module's ``state_dict()``;
+  ZeRO-3: the engine's ``_zero3_consolidated_16bit_state_dict``, fp32 kept),
   then ``save_pretrained`` on rank 0;
 - new: ``sft_cluster.train.export.export_model`` (a tensor at a time).
 
@@ -57,9 +59,13 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def _old_export(model, strategy: str, out: Path, rank: int) -> None:
+def _old_export(model, engine, strategy: str, out: Path, rank: int) -> None:
     """Before #17.5: the whole state dict gathered (accelerate's way), then save_pretrained on rank 0."""
-    if strategy == "fsdp2":
+    if strategy == "zero3":
+        from sft_cluster.train import compat
+
+        state_dict = compat.zero3_full_state_dict(engine)  # accelerate's get_state_dict for ZeRO-3
+    elif strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
@@ -70,6 +76,37 @@ def _old_export(model, strategy: str, out: Path, rank: int) -> None:
         model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
 
 
+def _zero3(model, rank: int):
+    """``model`` partitioned by a ZeRO-3 engine over the gloo group, as the product sets DeepSpeed up on
+    CPU (``compat.deepspeed_env``; the Trainer's own AdamW); returns the engine."""
+    import deepspeed
+    import torch
+
+    from sft_cluster.train import compat
+
+    config = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
+
+    held = [compat.zero3_partition(p) for p in engine.module.parameters()]
+    assert all(h is not None for h in held), "a parameter is not ZeRO-3 partitioned"
+    mine, total = sum(h[0] for h in held), sum(h[1] for h in held)
+    assert mine <= total // 2 + len(held), (mine, total)
+    print(f"zero3 rank {rank}: holds {mine:,} of {total:,} parameter elements ({mine / total:.3f})")
+    return engine
+
+
 def _rank(rank: int, port: int, strategy: str, path: str, out: str, results: str) -> None:
     import torch
     import torch.distributed as dist
@@ -78,12 +115,21 @@ def _rank(rank: int, port: int, strategy: str, path: str, out: str, results: str
     from sft_cluster.train.export import export_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if strategy == "zero3":  # before deepspeed is imported: its accelerator is DS_ACCELERATOR's
+        from sft_cluster.train import compat
+
+        os.environ.update(compat.deepspeed_env(on_gpu=False), RANK=str(rank), WORLD_SIZE="2")
+        os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE), dtype=torch.float32)
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
-    if strategy == "fsdp2":
+    engine = None
+    if strategy == "zero3":
+        engine = _zero3(model, rank)
+        model = engine.module  # what accelerate's unwrap_model gives
+    elif strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -99,9 +145,16 @@ def _rank(rank: int, port: int, strategy: str, path: str, out: str, results: str
     steady = _status("VmRSS")
     started = time.perf_counter()
     if path == "old":
-        _old_export(model, strategy, Path(out), rank)
+        _old_export(model, engine, strategy, Path(out), rank)
     else:
-        export_model(model, Path(out), dtype=torch.float32, max_shard_size="5GB", main=rank == 0)
+        export_model(
+            model,
+            Path(out),
+            dtype=torch.float32,
+            max_shard_size="5GB",
+            main=rank == 0,
+            fp32_masters=strategy == "zero3",
+        )
     seconds = time.perf_counter() - started
     peak = _status("VmHWM")
     dist.barrier()
@@ -133,7 +186,8 @@ def _same(a: Path, b: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
+    strategies = ["ddp", "fsdp2", "zero3"]
+    parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp2"], choices=strategies)
     parser.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     args = parser.parse_args()
     import torch.multiprocessing as mp

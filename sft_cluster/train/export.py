@@ -4,7 +4,7 @@ Gathering the whole state dict in one process costs the exporting rank the
 model's size again (the CPU-OOM-or-timeout failure FSDP and ZeRO-3 users
 report). Here every rank walks the same tensors in the same order; each is
 gathered on its own (an FSDP2 DTensor one rank's rows at a time, a ZeRO-3
-parameter under ``GatheredParameters``, a whole parameter read where it lies),
+parameter one rank's partition at a time, a whole parameter read where it lies),
 cast to the export dtype, and the main process appends its bytes to a
 safetensors shard whose header it wrote first, from shapes alone. The shard
 plan is ``save_pretrained``'s own (``split_torch_state_dict_into_shards`` over
@@ -119,10 +119,13 @@ class _Gatherer:
     @contextmanager
     def pieces(self, tensor: torch.Tensor) -> Iterator[Iterable[torch.Tensor]]:
         """Collective: the tensor's bytes in order, for the main process (see ``Entry``). A DTensor
-        sharded by rows (FSDP2) comes one rank's rows at a time, sent to the main process: no rank
-        ever holds it whole."""
+        sharded by rows (FSDP2) comes one rank's rows at a time and a ZeRO-3 parameter one rank's
+        partition at a time, sent to the main process: no rank ever holds it whole."""
         if _row_sharded(tensor):
             yield self._rows(tensor)
+            return
+        if _zero3_streamable(tensor):
+            yield self._partitions(tensor)
             return
         with self.whole(tensor) as full:
             yield () if full is None else (full,)
@@ -153,6 +156,42 @@ class _Gatherer:
                 collectives.receive_rows(received, source, group)
                 yield received.to("cpu")
 
+    def _partitions(self, tensor: Any) -> Iterator[torch.Tensor]:
+        """A ZeRO-3 parameter's partitions, rank by rank: each is a run of the flattened tensor (the
+        last padded), so their bytes in rank order are the tensor's. An fp32 export of bf16/fp16
+        weights reads the optimizer's fp32 partition, laid out alike."""
+        import torch.distributed as dist
+
+        local = _fp32_partition(tensor) if self._reads_master(tensor) else None
+        local = (tensor.ds_tensor if local is None else local).detach().reshape(-1)
+        local = local.to(self.out_dtype(tensor))
+        if local.device.type == "cpu" and not compat.default_group_serves_cpu():
+            local = local.to("cuda")  # ZeRO-3 offload on NCCL ranks
+        group = tensor.ds_process_group
+        me, size = dist.get_rank(group), dist.get_world_size(group)
+        per, total = local.numel(), tensor.ds_numel
+        counts = [max(0, min(per, total - rank * per)) for rank in range(size)]
+        if me != 0:
+            if counts[me]:
+                collectives.send_rows(local[: counts[me]].contiguous(), 0, group)
+            return
+        if counts[0]:
+            yield local[: counts[0]].to("cpu")
+        for source in range(1, size):
+            if counts[source]:
+                received = torch.empty(counts[source], dtype=local.dtype, device=local.device)
+                collectives.receive_rows(received, source, group)
+                yield received.to("cpu")
+
+    def _reads_master(self, tensor: torch.Tensor) -> bool:
+        """An fp32 export of a bf16/fp16 trained weight reads DeepSpeed's fp32 master of it."""
+        return (
+            self.fp32_masters
+            and self.out_dtype(tensor) == torch.float32
+            and tensor.dtype != torch.float32
+            and tensor.requires_grad
+        )
+
     @contextmanager
     def whole(self, tensor: torch.Tensor) -> Iterator[torch.Tensor | None]:
         """Collective: the whole tensor, in the output dtype (float only), on the main process's CPU."""
@@ -162,12 +201,7 @@ class _Gatherer:
 
     @contextmanager
     def _gathered(self, tensor: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        if (
-            self.fp32_masters
-            and dtype == torch.float32
-            and tensor.dtype != torch.float32
-            and tensor.requires_grad
-        ):
+        if self._reads_master(tensor):
             master = _fp32_master(tensor)  # collective under ZeRO
             if master is not None:
                 yield master
@@ -199,6 +233,22 @@ def _row_sharded(tensor: torch.Tensor) -> bool:
     import torch.distributed as dist
 
     return dist.get_global_rank(tensor.device_mesh.get_group(), 0) == 0
+
+
+def _zero3_streamable(tensor: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose group's first rank is the main process (so partitions go to it)."""
+    if compat.zero3_partition(tensor) is None:
+        return False
+    import torch.distributed as dist
+
+    return dist.get_global_rank(tensor.ds_process_group, 0) == 0
+
+
+def _fp32_partition(param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's partition of DeepSpeed's fp32 master of a ZeRO-3 parameter (local), None if none."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return safe_get_local_fp32_param(param)
 
 
 def _fp32_master(param: torch.Tensor) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ Single process on tiny real-family models: the same files, index and tensors as
 ``save_pretrained`` writes (one shard, several shards, bf16, tied embeddings), and
 a LoRA merge equal to peft's ``merge_and_unload``. Sharded strategies (FSDP2,
 ZeRO-3) are covered by tests/integration/test_strategies.py and the two-rank
-FSDP2 test here.
+FSDP2 and ZeRO-3 tests here.
 """
 
 from __future__ import annotations
@@ -156,6 +156,92 @@ def test_fsdp2_export_on_two_ranks_equals_the_whole_model(tmp_path: Path) -> Non
     reference.save_pretrained(tmp_path / "ref", max_shard_size="8KB")
     assert len(list((tmp_path / "ours").glob("model-*.safetensors"))) > 1
     _same_output(tmp_path / "ours", tmp_path / "ref")
+
+
+def _zero3_rank(rank: int, port: int, source: str, out: str) -> None:
+    """One of two gloo ranks: a bf16 ZeRO-3 engine (DeepSpeed's CPU accelerator) exports fp32 and bf16."""
+    import torch.distributed as dist
+
+    from sft_cluster.train import compat
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        compat.deepspeed_env(on_gpu=False), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        import deepspeed
+
+        model = _load(Path(source))
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": True},
+            "zero_allow_untested_optimizer": True,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        params = list(engine.module.parameters())
+        assert all(p.dtype == torch.bfloat16 and p.ds_tensor.numel() < p.ds_numel for p in params)
+        ids = torch.arange(32).reshape(2, 16) % 131
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()  # the fp32 masters move by less than bf16 can hold
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
+        with deepspeed.zero.GatheredParameters(params):
+            weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+        if rank == 0:
+            Path(out).mkdir()
+            torch.save({"masters": masters, "weights": weights}, Path(out) / "reference.pt")
+        for dtype, folder in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            export_model(
+                engine.module,
+                Path(out) / folder,
+                dtype=dtype,
+                max_shard_size="8KB",
+                main=rank == 0,
+                fp32_masters=True,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_export_streams_partitions_and_reads_the_fp32_masters(tmp_path: Path) -> None:
+    """ZeRO-3 on two ranks, each partition sent to rank 0 in turn (odd sizes: the last one padded),
+    one step into training. The fp32 export is DeepSpeed's fp32 masters, which the bf16 module weights
+    only round: reading the module weights would fail the comparison; the bf16 export is the weights."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=97,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=131,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(
+        _zero3_rank, args=(port, str(tmp_path / "source"), str(tmp_path / "ours")), nprocs=2
+    )
+    reference = torch.load(tmp_path / "ours" / "reference.pt")
+    masters, weights = reference["masters"], reference["weights"]
+    assert any(not torch.equal(masters[name], weights[name].float()) for name in masters)
+    assert len(list((tmp_path / "ours" / "fp32").glob("model-*.safetensors"))) > 1
+    for folder, expected in (("fp32", masters), ("bf16", weights)):
+        written = _tensors(tmp_path / "ours" / folder)
+        assert written.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), (folder, name)
 
 
 MINIMAL = """\
