@@ -9,6 +9,7 @@ run the fast subset (``deep=False``): no probe job on the cluster, no tokenizer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -28,10 +29,36 @@ AGREEING_PACKAGES = ("ray", "torch", "transformers", "trl")
 # checkpoint (12), and the fp32 final model staged before its upload (4).
 STAGED_BYTES_PER_PARAM = 16
 
+
+def ptrace_facts() -> dict[str, Any]:
+    """What decides whether the hang watchdog's py-spy may read a worker's stacks on this machine:
+    Yama's ``ptrace_scope`` (None without Yama) and whether this user may trace any process (root,
+    or ``CAP_SYS_PTRACE``, bit 19 of the effective capabilities). Standard library only: the probe
+    runs it on a node (``PROBE_SOURCE``)."""
+    import os
+
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as file:
+            scope = int(file.read())
+    except (OSError, ValueError):
+        scope = None
+    capable = os.geteuid() == 0
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("CapEff:"):
+                    capable = capable or bool(int(line.split()[1], 16) >> 19 & 1)
+    except OSError:
+        pass
+    return {"ptrace_scope": scope, "ptrace_capable": capable}
+
+
 # Run on a node with the cluster's Python: only the standard library, so it needs nothing shipped.
 PROBE_MARK = "SFTC-PROBE "
 PROBE_SOURCE = f"""
 import importlib.metadata as m, json, os, shutil, tempfile
+from typing import Any
+{inspect.getsource(ptrace_facts)}
 def version(name):
     try:
         return m.version(name)
@@ -42,6 +69,7 @@ print({PROBE_MARK!r} + json.dumps({{
     "cpus": os.cpu_count(),
     "staging_free_bytes": shutil.disk_usage(tempfile.gettempdir()).free,
     "staging": tempfile.gettempdir(),
+    **ptrace_facts(),
 }}))
 """
 
@@ -180,6 +208,23 @@ def check_staging(needed: int, free: int, where: str) -> Check:
         False,
         detail,
         "free space there, or point TMPDIR at a larger local disk in the workers' environment",
+    )
+
+
+def check_stacks(found: dict[str, Any], where: str) -> Check:
+    """The hang watchdog can read workers' stacks with py-spy ``where`` (``ptrace_facts``). Under
+    Yama's scope 1 (Ubuntu's default) the workers name any process of their user as a tracer
+    (``train.heartbeat.allow_stack_dumps``); scope 2 needs root or ``CAP_SYS_PTRACE``; 3 forbids it."""
+    scope, capable = found.get("ptrace_scope"), bool(found.get("ptrace_capable"))
+    setting = "no Yama" if scope is None else f"kernel.yama.ptrace_scope={scope}"
+    if scope in (None, 0, 1) or (scope == 2 and capable):
+        return Check("stacks", True, f"{where}: {setting}; py-spy may read the workers' stacks")
+    return Check(
+        "stacks",
+        False,
+        f"{where}: {setting}: a hung run is still ended and resumed, but without the workers' stacks",
+        "run the workers as root or with CAP_SYS_PTRACE (docker run --cap-add SYS_PTRACE), or set "
+        "kernel.yama.ptrace_scope to 1 or less",
     )
 
 

@@ -19,11 +19,13 @@ from sft_cluster.launch.doctor import (
     Check,
     check_data,
     check_output,
+    check_stacks,
     check_staging,
     checkpoint_bytes,
     local_staging,
     local_versions,
     parse_probe,
+    ptrace_facts,
     versions_agree,
 )
 from sft_cluster.spec import JobSpec
@@ -61,6 +63,7 @@ def _probe_checks(
     yield check_staging(
         staged.result(), int(found["staging_free_bytes"]), f"staging {found['staging']} on {where}"
     )
+    yield check_stacks(found, f"on {where}")
 
 
 def diagnose(backend: Any, job: JobSpec, deep: bool) -> Iterator[Check]:
@@ -106,6 +109,7 @@ def local_checks(backend: LocalBackend, job: JobSpec, staged: Future[int] | None
     )
     if staged is not None:
         yield local_staging(staged.result())
+        yield check_stacks(ptrace_facts(), "here")
 
 
 # --- Ray: the dashboard's REST API and a Ray Job ----------------------------------------------

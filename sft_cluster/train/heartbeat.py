@@ -32,6 +32,7 @@ class Heartbeat(TrainerCallback):
     the end of a step is known by then. The ``evaluator``'s events reach it too."""
 
     def __init__(self, sink: ProgressSink, rank: int, evaluator: EvalCallback | None = None):
+        allow_stack_dumps()
         self.sink = sink
         if evaluator is not None:
             record = evaluator.on_event
@@ -61,6 +62,21 @@ class Heartbeat(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self._beat(state.global_step, "done")
+
+
+def allow_stack_dumps() -> bool:
+    """Let any process of this user read this one's stacks: the watchdog's py-spy runs beside the
+    worker, not as its parent, which Yama's ``ptrace_scope`` 1 (Ubuntu's default) allows only to a
+    tracer the process names (``PR_SET_PTRACER``, ``PR_SET_PTRACER_ANY``). Without Yama the call
+    fails and nothing is needed; under scope 2 or 3 it changes nothing (``sft-cluster doctor``
+    says so). True when the kernel took it."""
+    import ctypes
+
+    pr_set_ptracer, any_process = 0x59616D61, ctypes.c_ulong(-1)
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(pr_set_ptracer, any_process, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
 
 
 class BeatFiles:

@@ -28,8 +28,9 @@ def test_a_good_local_setup_passes_every_check(s3_server, tmp_path):  # noqa: F8
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = _lines(result)
-    assert list(lines) == ["job", "cluster", "resources", "staging", "output", "data"]
+    assert list(lines) == ["job", "cluster", "resources", "staging", "stacks", "output", "data"]
     assert all(line.startswith("ok") for line in lines.values()), result.stdout
+    assert "here: no Yama; py-spy may read the workers' stacks" in lines["stacks"]  # this machine
     assert "written, read back and removed" in lines["output"]
     assert "train tokens" in lines["data"]
     assert "every check passed" in result.stdout

@@ -141,8 +141,9 @@ def test_doctor_checks_the_cluster_with_a_probe_job(work, ray_head: RayHead):  #
     result = run_cli(["doctor", *SMOKE, "--cluster", str(cluster)], env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")}
-    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "output", "data"]
+    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "stacks", "output", "data"]
     assert "Ray 2." in lines["cluster"] and "1 nodes alive" in lines["cluster"]
+    assert "on a Ray node: no Yama; py-spy may read" in lines["stacks"]
     assert "2 CPUs" in lines["resources"]
     assert "on a Ray node: ray 2." in lines["versions"] and "torch 2." in lines["versions"]
     assert "a path on the cluster, checked when it starts" in lines["output"]

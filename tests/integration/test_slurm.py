@@ -330,8 +330,9 @@ def test_doctor_probes_a_node_with_one_short_job(slurm: SlurmHarness) -> None:
     result = run_cli(["doctor", *JOB, "--cluster", LOCAL, f"output_uri={slurm.tmp}/doctor"], slurm.env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")}
-    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "output", "data"]
+    assert list(lines) == ["job", "cluster", "resources", "versions", "staging", "stacks", "output", "data"]
     assert "Slurm partition debug: up" in lines["cluster"]
+    assert "on a node of partition debug: no Yama; py-spy may read" in lines["stacks"]
     assert "on a node of partition debug: ray 2." in lines["versions"]
     bad = slurm.tmp / "doctor-bad-partition.yaml"
     bad.write_text("kind: slurm\npartition: nosuch\n")

@@ -1,11 +1,13 @@
-"""The doctor's pure parts: what the probe prints, version agreement, sinfo's GRES column."""
+"""The doctor's pure parts: what the probe prints, version agreement, stack dumps, sinfo's GRES column."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from sft_cluster.launch.doctor import PROBE_SOURCE, parse_probe, versions_agree
+import pytest
+
+from sft_cluster.launch.doctor import PROBE_SOURCE, check_stacks, parse_probe, ptrace_facts, versions_agree
 from sft_cluster.launch.probes import _gres_gpus
 
 
@@ -16,6 +18,27 @@ def test_the_probe_runs_on_the_standard_library_and_is_read_back():
     found = parse_probe("noise\n" + result.stdout + "more noise\n")
     assert set(found["versions"]) == {"ray", "torch", "transformers", "trl"}
     assert found["cpus"] >= 1 and found["staging_free_bytes"] > 0
+    assert {k: found[k] for k in ("ptrace_scope", "ptrace_capable")} == ptrace_facts()
+
+
+@pytest.mark.parametrize(
+    "scope,capable,ok",
+    [
+        (None, False, True),
+        (0, False, True),
+        (1, False, True),
+        (2, True, True),
+        (2, False, False),
+        (3, True, False),
+    ],
+)
+def test_stacks_check_follows_yamas_scope_and_the_users_right_to_trace(scope, capable, ok):
+    check = check_stacks({"ptrace_scope": scope, "ptrace_capable": capable}, "on node-3")
+    assert check.ok is ok and check.name == "stacks"
+    assert ("no Yama" if scope is None else f"kernel.yama.ptrace_scope={scope}") in check.detail
+    if not ok:
+        assert "on node-3" in check.detail and "without the workers' stacks" in check.detail
+        assert "CAP_SYS_PTRACE" in check.fix and "ptrace_scope to 1 or less" in check.fix
 
 
 def test_versions_agree_on_major_minor_and_name_the_pins():
