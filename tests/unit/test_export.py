@@ -131,8 +131,9 @@ def _fsdp2_rank(rank: int, port: int, source: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_export_on_two_ranks_equals_the_whole_model(tmp_path: Path) -> None:
-    """Odd row counts (131-token vocabulary, MLP 97): the ranks' shards differ in size."""
+def _export_on_two_ranks(rank_fn, tmp_path: Path, tied: bool) -> None:
+    """Save a small Llama with odd sizes (131-token vocabulary, MLP 97: the ranks' shards and
+    partitions differ in size) as ``source``; ``rank_fn(rank, port, source, out)`` on two ranks."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -142,7 +143,7 @@ def test_fsdp2_export_on_two_ranks_equals_the_whole_model(tmp_path: Path) -> Non
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=131,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
@@ -150,8 +151,13 @@ def test_fsdp2_export_on_two_ranks_equals_the_whole_model(tmp_path: Path) -> Non
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torch.multiprocessing.spawn(
-        _fsdp2_rank, args=(port, str(tmp_path / "source"), str(tmp_path / "ours")), nprocs=2
+        rank_fn, args=(port, str(tmp_path / "source"), str(tmp_path / "ours")), nprocs=2
     )
+
+
+def test_fsdp2_export_on_two_ranks_equals_the_whole_model(tmp_path: Path) -> None:
+    """Odd row counts: the ranks' shards differ in size."""
+    _export_on_two_ranks(_fsdp2_rank, tmp_path, tied=True)
     reference = _load(tmp_path / "source").to(torch.bfloat16)
     reference.save_pretrained(tmp_path / "ref", max_shard_size="8KB")
     assert len(list((tmp_path / "ours").glob("model-*.safetensors"))) > 1
@@ -214,25 +220,7 @@ def test_zero3_export_streams_partitions_and_reads_the_fp32_masters(tmp_path: Pa
     """ZeRO-3 on two ranks, each partition sent to rank 0 in turn (odd sizes: the last one padded),
     one step into training. The fp32 export is DeepSpeed's fp32 masters, which the bf16 module weights
     only round: reading the module weights would fail the comparison; the bf16 export is the weights."""
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=97,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=131,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(
-        _zero3_rank, args=(port, str(tmp_path / "source"), str(tmp_path / "ours")), nprocs=2
-    )
+    _export_on_two_ranks(_zero3_rank, tmp_path, tied=False)
     reference = torch.load(tmp_path / "ours" / "reference.pt")
     masters, weights = reference["masters"], reference["weights"]
     assert any(not torch.equal(masters[name], weights[name].float()) for name in masters)
