@@ -31,23 +31,29 @@ class EvalCallback(TrainerCallback):
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ):
         """``batches()`` gives this rank's eval batches (at least one), built when first needed;
-        ``on_event`` hears when each evaluation starts and ends (the run's events.jsonl)."""
+        ``on_event`` (and each ``listen``er) hears when each evaluation starts and ends (the run's
+        events.jsonl; the watchdog's heartbeats)."""
         self._make_batches = batches
-        self.on_event = on_event or (lambda event: None)
+        self._listeners = [on_event] if on_event is not None else []
         self._batches: list[Batch] | None = None  # built at the first evaluation, then kept
         self.every_n_steps = every_n_steps
         self.trainer = None  # set after the Trainer exists: its model, device and autocast
         self.latest: tuple[int, float] | None = None
 
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """``listener`` hears each evaluation's ``eval_started`` and ``eval_finished`` events too."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            listener(event)
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step % self.every_n_steps == 0 or step == state.max_steps:
-            started = time.time()
-            self.on_event({"event": "eval_started", "step": step, "time": started})
+            self._emit({"event": "eval_started", "step": step, "time": time.time()})
             self.latest = (step, self.evaluate())
-            self.on_event(
-                {"event": "eval_finished", "step": step, "time": time.time(), "loss": self.latest[1]}
-            )
+            self._emit({"event": "eval_finished", "step": step, "time": time.time(), "loss": self.latest[1]})
             control.should_log = True  # the step's metrics record carries eval_loss
         return control
 

@@ -35,8 +35,7 @@ class Heartbeat(TrainerCallback):
         allow_stack_dumps()
         self.sink = sink
         if evaluator is not None:
-            record = evaluator.on_event
-            evaluator.on_event = lambda event: (record(event), self._evaluation(event))
+            evaluator.listen(self._evaluation)
         self.origin = {"rank": rank, "pid": os.getpid(), "node": node_key()}
         self._begun: float | None = None  # when the current step began
         self._plain = False  # nothing but training since then

@@ -134,7 +134,9 @@ class _Sink:
 
 
 def test_heartbeats_of_a_rank_and_the_node_files_the_torchrun_watcher_reads(tmp_path, monkeypatch) -> None:
-    sink, evaluator = _Sink(), EvalCallback(lambda: [], 2, on_event=lambda event: None)
+    recorded: list[dict] = []
+    sink, evaluator = _Sink(), EvalCallback(lambda: [], 2, on_event=recorded.append)
+    evaluator.evaluate = lambda: 1.5  # the evaluation itself is not what is tested here
     beats = Heartbeat(sink, 1, evaluator)
     state, plain, saving = (
         SimpleNamespace(global_step=4),
@@ -144,8 +146,10 @@ def test_heartbeats_of_a_rank_and_the_node_files_the_torchrun_watcher_reads(tmp_
     beats.on_step_begin(None, state, plain)
     beats.on_step_end(None, state, plain)  # nothing long: no beat
     beats.on_step_begin(None, state, plain)
-    evaluator.on_event({"event": "eval_started", "step": 4})
-    evaluator.on_event({"event": "eval_finished", "step": 4})
+    evaluator.on_step_end(
+        None, SimpleNamespace(global_step=4, max_steps=10), SimpleNamespace(should_log=False)
+    )
+    assert [(e["event"], e["step"]) for e in recorded] == [("eval_started", 4), ("eval_finished", 4)]
     beats.on_step_end(None, state, saving)
     beats.on_step_begin(None, state, plain)
     beats.on_train_end(None, state, plain)
