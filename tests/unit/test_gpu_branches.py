@@ -202,3 +202,32 @@ def test_slurm_scripts_keep_the_submit_environment_for_nccl(launcher):
     assert "#SBATCH --export=ALL" in script  # NCCL_* set at sbatch time reach every srun step
     for clearing in ("--export=NONE", "env -i", "--cleanenv", "unset NCCL", "NCCL_"):
         assert clearing not in script
+
+
+@pytest.mark.parametrize(
+    "deepspeed,device,zero3,kept",
+    [
+        (True, "cuda", True, True),
+        (True, "cpu", True, False),
+        (True, "cuda", False, False),
+        (False, "cuda", False, False),
+    ],
+)
+def test_only_zero3_on_a_gpu_defers_its_consolidated_weights_without_copying_them(
+    deepspeed, device, zero3, kept
+):
+    """DeepSpeed's consolidated ZeRO-3 state dict is a host copy of its own on a GPU: written later as
+    it is, it is never kept in the refilled host buffers (a whole model for the run). The trainer,
+    its device and the ZeRO-3 parameter are MOCKED (SimpleNamespace): no GPU or engine here."""
+    from types import SimpleNamespace
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    if zero3:
+        param.ds_numel, param.ds_tensor = 4, torch.zeros(2)
+    trainer_like = SimpleNamespace(
+        is_deepspeed_enabled=deepspeed,
+        args=SimpleNamespace(device=torch.device(device)),
+        model=SimpleNamespace(parameters=lambda: iter([param])),
+    )
+    assert compat.DeferredCheckpointWrites._gathered_to_host(trainer_like, {"w": torch.ones(1)}) is kept
+    assert compat.DeferredCheckpointWrites._gathered_to_host(trainer_like, None) is False

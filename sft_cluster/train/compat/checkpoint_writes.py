@@ -75,11 +75,28 @@ class DeferredCheckpointWrites:
         ):
             return super()._save(output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)  # the small files of the save go in now
-        copy = host_copy(
-            self.model.state_dict() if state_dict is None else state_dict, self._buffers(), "model"
-        )
+        if self._gathered_to_host(state_dict):
+            copy = state_dict  # held until written, as the Trainer held it while writing
+        else:
+            copy = host_copy(
+                self.model.state_dict() if state_dict is None else state_dict, self._buffers(), "model"
+            )
         self._deferred.add(partial(super()._save, output_dir, copy))
         return None
+
+    def _gathered_to_host(self, state_dict: dict | None) -> bool:
+        """ZeRO-3 on a GPU: the weights are DeepSpeed's consolidated state dict, already a host copy
+        of its own (``_zero3_consolidated_16bit_state_dict`` moves each gathered tensor to the CPU);
+        copying it again would keep a whole model in host memory for the run. On the CPU its tensors
+        may be the gathered storage itself, so it is copied."""
+        from sft_cluster.train import compat
+
+        return (
+            state_dict is not None
+            and self.is_deepspeed_enabled
+            and self.args.device.type == "cuda"
+            and compat.zero3_partition(next(self.model.parameters())) is not None
+        )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         from functools import partial
