@@ -75,7 +75,8 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.ignore_signal:
         ignore_signal(args.ignore_signal)
-    first = int(os.environ.get(NODE_RANK_ENV, "0")) == 0
+    node_rank = int(os.environ.get(NODE_RANK_ENV, "0"))
+    first = node_rank == 0
     several = args.nnodes > 1 and args.rdzv_endpoint
     word = NodeWord(args.rdzv_endpoint, args.nnodes, first) if several else None
     with job_file(job) as path:
@@ -88,6 +89,7 @@ def _with_torchrun(job: JobSpec, args: argparse.Namespace) -> int:
             word=word,
             worker_module=args.worker_module,
             rdzv_backend=args.rdzv_backend,
+            node_rank=node_rank,
         )
         if not first:  # the first node prepares and finishes; this one trains when told to
             code = word.take() if word else 0

@@ -15,8 +15,9 @@ explained by the worker) stays 2. "Stopped for preemption": at least one worker 
 and every other failed worker either exited 75 or was ended by the agent's own SIGTERM
 (torchrun stops the remaining workers as soon as the first one exits non-zero; every rank
 exits 75 only after the checkpoint of that step is committed, so nothing is lost). A hang that
-this node's watcher ended (``NodeWatch``: stacks written, ranks killed) also exits 75: the run
-failed, and a restart resumes it from its newest commit, as a requeued job does.
+this node's watcher ended (``NodeWatch``: stacks written, ranks killed) also exits 75, and so does
+the first node's driver when any node's watcher ended one: the run failed, and a restart resumes
+it from its newest commit, as a requeued job does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sft_cluster.driver.node_watch import NodeWatch
+from sft_cluster.driver.node_watch import NodeWatch, collect_node_hangs
 from sft_cluster.driver.run import Outcome, Prepared
 from sft_cluster.driver.watchdog import Hang
 from sft_cluster.exitcodes import PREEMPTED, USER_ERROR, status_of
@@ -113,6 +114,7 @@ class TorchrunExecutor:
         word: NodeWord | None = None,
         worker_module: str = "sft_cluster.train",
         rdzv_backend: str = "c10d",
+        node_rank: int = 0,
     ):
         self.job_file = job_file
         self.word = word
@@ -122,8 +124,9 @@ class TorchrunExecutor:
         self.rdzv_endpoint = rdzv_endpoint
         self.rdzv_id = rdzv_id
         self.rdzv_backend = rdzv_backend
+        self.node_rank = node_rank
         self.exit_code: int | None = None  # the agent's, once it ran (2 and 1 are both "failed")
-        self.hang: Hang | None = None  # the hang this node's watcher ended, if any
+        self.attempt: int | None = None  # the number of the worker group the agent started
 
     def world(self, job: JobSpec) -> tuple[int, int]:
         return self.nnodes * self.nproc_per_node, self.nnodes
@@ -154,7 +157,7 @@ class TorchrunExecutor:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
-        with NodeWatch(job.watchdog, run_dir_of(job)) as watch:
+        with NodeWatch(job.watchdog, run_dir_of(job), self.node_rank) as watch:
             try:
                 torchrun(self.torchrun_args())
                 code = 0
@@ -162,16 +165,24 @@ class TorchrunExecutor:
                 codes = {failure.exitcode for failure in exc.failures.values()}
                 print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
                 code = exit_code(codes)
-        self.hang = watch.hang
-        return PREEMPTED if code and self.hang is not None else code
+        self.attempt = watch.attempt
+        return PREEMPTED if code and watch.hang is not None else code
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
+        """The first node's: also records every node's hang (``collect_node_hangs``) and ends the
+        run as hung when any node's watcher ended one, although this node's workers may have died
+        of it first (a collective's peer gone) before its own watcher fired."""
         self.job_file.write_text(dump_job_yaml(prepared.job))  # with the batch split the driver chose
+        run = run_dir_of(prepared.job)
+        collect_node_hangs(run)  # a node's record of an earlier attempt, written after it was collected
         if self.word is not None:
             self.word.give(0)
         code = self.exit_code = self.start_agent(prepared.job)
-        if self.hang is not None:  # failed, for the summary; exit 75, so the launcher starts it again
-            return Outcome("failed", f"{self.hang.describe()} (exit code {code}: restart to resume)")
+        hangs = [Hang.from_event(r) for r in collect_node_hangs(run) if r["attempt"] == self.attempt]
+        if code and hangs:  # failed, for the summary; exit 75, so the launcher starts it again
+            code = self.exit_code = PREEMPTED
+            said = "; ".join(hang.describe() for hang in hangs)
+            return Outcome("failed", f"{said} (exit code {code}: restart to resume)")
         status = status_of(code)
         return Outcome(status, f"a worker failed (exit code {code})" if status == "failed" else None)
 

@@ -59,6 +59,12 @@ class Hang:
     attempt: int
     beats: dict[int, Beat] = field(default_factory=dict)
 
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> Hang:
+        """The hang a ``hang`` event (``hang_event``) recorded, without the beats."""
+        fields = ("rank", "step", "phase", "seconds", "limit_s", "attempt")
+        return cls(*(event[name] for name in fields))
+
     def describe(self) -> str:
         return (
             f"rank {self.rank} hung at step {self.step} ({self.phase}): no heartbeat for "
@@ -169,24 +175,43 @@ def py_spy_dump(pid: int, timeout_s: float = 30.0) -> str:
     return f"pid {pid} on {socket.gethostname()}, state {state}\n\n{stacks}"
 
 
-def record_hang(run: RunDir, hang: Hang, stacks: dict[int, str]) -> str:
-    """Every rank's stacks into ``hangs/attempt-K/`` and a ``hang`` event; the folder's URI."""
+def write_stacks(run: RunDir, attempt: int, stacks: dict[int, str]) -> str:
+    """Each rank's stacks into ``hangs/attempt-K/`` (an object per rank: nodes never share one);
+    the folder's URI."""
     for rank, text in stacks.items():
-        storage.write_text(run.hang_stacks(hang.attempt, rank), text, run.options)
-    folder = storage.join(run.hangs, f"attempt-{hang.attempt}")
-    events = JsonlLog(run.events, run.options)
-    events.append(
-        {
-            "event": "hang",
-            "rank": hang.rank,
-            "step": hang.step,
-            "phase": hang.phase,
-            "seconds": round(hang.seconds, 3),
-            "limit_s": round(hang.limit_s, 3),
-            "attempt": hang.attempt,
-            "stacks": folder,
-            "time": time.time(),
-        }
-    )
-    events.close()
+        storage.write_text(run.hang_stacks(attempt, rank), text, run.options)
+    return storage.join(run.hangs, f"attempt-{attempt}")
+
+
+def hang_event(hang: Hang, stacks: str) -> dict[str, Any]:
+    """The ``hang`` event of ``events.jsonl``; ``stacks``: the folder ``write_stacks`` wrote."""
+    beat = hang.beats.get(hang.rank)
+    return {
+        "event": "hang",
+        "rank": hang.rank,
+        "node": beat.node if beat else None,
+        "step": hang.step,
+        "phase": hang.phase,
+        "seconds": round(hang.seconds, 3),
+        "limit_s": round(hang.limit_s, 3),
+        "attempt": hang.attempt,
+        "stacks": stacks,
+        "time": time.time(),
+    }
+
+
+def append_events(run: RunDir, events: list[dict[str, Any]]) -> None:
+    """Append to ``events.jsonl``, which an object store rewrites whole: only the run's one writer
+    of it at that moment may call this (two at once would lose a line)."""
+    log = JsonlLog(run.events, run.options)
+    for event in events:
+        log.append(event)
+    log.close()
+
+
+def record_hang(run: RunDir, hang: Hang, stacks: dict[int, str]) -> str:
+    """Every rank's stacks and the ``hang`` event, written by the Ray driver (which alone watches
+    every rank); the stacks' folder."""
+    folder = write_stacks(run, hang.attempt, stacks)
+    append_events(run, [hang_event(hang, folder)])
     return folder

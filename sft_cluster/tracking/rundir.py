@@ -16,7 +16,8 @@ Layout under ``output_uri``::
     loss.png         the loss curve
     final/           Hugging Face model + tokenizer
     workers/         one JSON per rank: topology and what that rank saw
-    hangs/           attempt-K/rank-N.txt: every rank's Python stacks when the watchdog found a hang
+    hangs/           attempt-K/rank-N.txt: every rank's Python stacks when the watchdog found a hang;
+                     attempt-K/node-N.json: the hang torchrun node N's watcher found
     tensorboard/     event files when ``tracking`` includes tensorboard
     trackers.json    the MLflow / W&B runs every restart and resume of the run continues
     ray-train/       Ray Train's own storage_path (Ray executor)
@@ -160,6 +161,10 @@ class RunDir:
     def hang_stacks(self, attempt: int, rank: int) -> str:
         """Rank ``rank``'s Python stacks (py-spy) when worker group ``attempt`` hung."""
         return storage.join(self.hangs, f"attempt-{attempt}", f"rank-{rank}.txt")
+
+    def node_hang(self, attempt: int, node_rank: int) -> str:
+        """The ``hang`` event torchrun node ``node_rank``'s watcher recorded for worker group ``attempt``."""
+        return storage.join(self.hangs, f"attempt-{attempt}", f"node-{node_rank}.json")
 
     def write_json(self, uri: str, data: dict[str, Any]) -> None:
         storage.write_text(uri, json.dumps(data, indent=2, sort_keys=True) + "\n", self.options)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sft_cluster.driver.node_watch import NodeWatch, collect_node_hangs
 from sft_cluster.driver.watchdog import Beat, Hang, Watchdog, first_attempt, py_spy_dump, record_hang
 from sft_cluster.spec import WatchdogSpec, load_job
 from sft_cluster.tracking import RunDir, read_jsonl
@@ -203,3 +204,42 @@ def test_a_stopped_process_is_dumped_recorded_and_the_next_driver_numbers_after_
     assert event["event"] == "hang" and (event["rank"], event["step"], event["attempt"]) == (1, 6, 2)
     assert event["stacks"] == folder and event["seconds"] == 6.2 and event["limit_s"] == 5.0
     assert first_attempt(run) == 3  # a later driver never writes over attempt-2
+
+
+def test_two_nodes_hangs_reach_the_events_once_each_through_the_first_nodes_driver(tmp_path) -> None:
+    """Each torchrun node's watcher records its hang in an object of its own; the first node's
+    driver appends them, and a record written after it collected is appended by the next one."""
+    run = RunDir(str(tmp_path))
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in (0, 1)]
+
+    def hang_on(watch: NodeWatch, rank: int) -> None:  # each node's one rank, a sleeper here
+        beat = Beat(14, "step", 0.0, sleepers[rank].pid, f"node-{rank}")
+        watch._end(Hang(rank, 14, "step", 6.0 + rank, 5.0, watch.attempt, {rank: beat}))
+        assert sleepers[rank].wait(timeout=10) == -signal.SIGKILL
+
+    try:
+        with NodeWatch(SPEC, run, node_rank=0) as first, NodeWatch(SPEC, run, node_rank=1) as second:
+            assert first.attempt == second.attempt == 1
+            hang_on(first, 0)
+            first_collection = collect_node_hangs(run)  # the first node's agent ended first
+            hang_on(second, 1)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+    assert [r["node_rank"] for r in first_collection] == [0]
+    assert [r["node_rank"] for r in collect_node_hangs(run)] == [1]  # the late one, at the next start
+    assert collect_node_hangs(run) == []
+    events = read_jsonl(run.events)
+    assert [(e["event"], e["rank"], e["node"], e["node_rank"]) for e in events] == [
+        ("hang", 0, "node-0", 0),
+        ("hang", 1, "node-1", 1),
+    ]
+    assert sorted(os.listdir(tmp_path / "hangs" / "attempt-1")) == [
+        "node-0.json",
+        "node-1.json",
+        "rank-0.txt",
+        "rank-1.txt",
+    ]
+    described = Hang.from_event(events[1]).describe()
+    assert described == "rank 1 hung at step 14 (step): no heartbeat for 7.0 s (limit 5.0 s)"
+    assert first_attempt(run) == 2
