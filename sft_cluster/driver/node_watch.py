@@ -33,6 +33,7 @@ from sft_cluster.driver.watchdog import (
     write_stacks,
 )
 from sft_cluster.spec import WatchdogSpec
+from sft_cluster.storage.retry import retrying
 from sft_cluster.tracking import RunDir, read_jsonl
 from sft_cluster.train.heartbeat import BEATS_ENV
 
@@ -109,7 +110,8 @@ def collect_node_hangs(run: RunDir) -> list[dict]:
     """Append to ``events.jsonl`` every node's record of a hang not there yet, in time order; the
     records appended. Only the first node's driver calls it, while no worker of the run is running."""
     fs, path = storage.filesystem(run.hangs, run.options)
-    records = [json.loads(fs.cat_file(found)) for found in fs.glob(f"{path}/attempt-*/node-*.json")]
+    found = retrying(fs.glob, f"{path}/attempt-*/node-*.json", what=f"listing {run.hangs}")
+    records = [json.loads(retrying(fs.cat_file, record, what=f"reading {record}")) for record in found]
     events = read_jsonl(run.events, run.options)
     logged = {(e["attempt"], e.get("node_rank")) for e in events if e.get("event") == "hang"}
     new = [r for r in records if (r["attempt"], r["node_rank"]) not in logged]

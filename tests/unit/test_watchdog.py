@@ -11,6 +11,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from sft_cluster.driver.node_watch import NodeWatch, collect_node_hangs
@@ -182,10 +183,15 @@ def test_heartbeats_of_a_rank_and_the_node_files_the_torchrun_watcher_reads(tmp_
 
 
 def test_a_stopped_process_is_dumped_recorded_and_the_next_driver_numbers_after_it(tmp_path) -> None:
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time\ndef nap():\n    time.sleep(60)\nnap()"])
+    source = "import time\ndef nap():\n    print('in nap', flush=True); time.sleep(60)\nnap()"
+    sleeper = subprocess.Popen([sys.executable, "-c", source], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # into nap()
+        assert sleeper.stdout.readline() == "in nap\n"
         sleeper.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30  # a signal is delivered when the kernel gets to it
+        while psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, "the sleeper never stopped"
+            time.sleep(0.05)
         text = py_spy_dump(sleeper.pid, timeout_s=30)
     finally:
         sleeper.kill()
