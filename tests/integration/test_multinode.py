@@ -7,12 +7,14 @@ sft_cluster.driver``, connected to the cluster's GCS.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -21,6 +23,7 @@ from sft_cluster.spec import dump_job_yaml, load_job
 from tests.conftest import REFERENCE_JOB, REPO
 from tests.fixtures.ray_cluster import MultiNodeCluster, start_ray_cluster
 from tests.fixtures.s3 import S3Server, s3_server  # noqa: F401 - fixture
+from tests.integration.test_hang_watchdog import WATCHDOG
 
 # The replacement node must join before Ray Train gives up starting the new worker group.
 START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
@@ -192,3 +195,56 @@ def test_an_elastic_run_shrinks_on_a_lost_node_and_grows_back_without_losing_a_s
     # The last steps' mean: which rows a single step trains depends on the step the group grew at.
     tail, reference_tail = [m["loss"] for m in metrics[-10:]], [m["loss"] for m in reference[-10:]]
     assert sum(tail) / 10 == pytest.approx(sum(reference_tail) / 10, rel=0.15)
+
+
+# Opt-in (-m slow, ~3 min on 2 cores): the hang watchdog's per-node dumps across Ray nodes; CI runs
+# the single-node Ray and two-node torchrun hang tests (test_hang_watchdog).
+@pytest.mark.slow
+def test_a_worker_stopped_on_one_node_is_dumped_there_and_the_run_resumes_to_the_same_weights(
+    cluster,
+    s3_server,  # noqa: F811
+    reference_run,
+    tmp_path,
+):
+    """One rank per node: each rank's stacks come from a task pinned to its own node (py-spy reads
+    local processes only); the stopped one's says so; Ray Train's restart resumes the run."""
+    bucket, prefix = s3_server.make_bucket(), "runs/hung"
+    driver = _start_driver(
+        cluster,
+        tmp_path,
+        f"output_uri=s3://{bucket}/{prefix}",
+        f"storage.endpoint_url={s3_server.endpoint}",
+        *WATCHDOG,
+    )
+    deadline = time.monotonic() + 400
+    while f"{prefix}/checkpoints/step-00000010/COMMITTED" not in s3_server.keys(bucket, prefix):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no commit of step 10"
+        time.sleep(0.5)
+    below = psutil.Process(cluster.workers[-1].raylet_pid).children(recursive=True)
+    (stopped,) = [p for p in below if "RayTrainWorker" in " ".join(p.cmdline())]
+    stopped.send_signal(signal.SIGSTOP)
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output[-5000:]
+
+    (hang,) = [
+        e
+        for e in map(json.loads, _get(s3_server, bucket, f"{prefix}/events.jsonl").splitlines())
+        if e["event"] == "hang"
+    ]
+    stacks = [
+        _get(s3_server, bucket, f"{prefix}/hangs/attempt-1/rank-{rank}.txt").decode() for rank in (0, 1)
+    ]
+    assert all("_inner_training_loop" in text for text in stacks), stacks
+    assert [text.startswith(f"pid {stopped.pid} ") and "(stopped)" in text for text in stacks].count(
+        True
+    ) == 1
+    reports = [json.loads(_get(s3_server, bucket, f"{prefix}/workers/rank-{r:05d}.json")) for r in (0, 1)]
+    assert len({r["ray_node_id"] for r in reports}) == 2  # the attempt that finished, too, on two nodes
+    summary = json.loads(_get(s3_server, bucket, f"{prefix}/summary.json"))
+    assert summary["status"] == "completed" and summary["resumed_from"][-1] >= 10, summary
+    final = tmp_path / "model.safetensors"
+    _get(s3_server, bucket, f"{prefix}/final/model.safetensors", into=final)
+    weights, reference = load_file(final), load_file(reference_run / "final" / "model.safetensors")
+    assert max((weights[k] - reference[k]).abs().max().item() for k in weights) <= 1e-6
+    print(f"\nRay, two nodes: hang declared at step {hang['step']} ({hang['limit_s']} s limit)")
