@@ -127,6 +127,7 @@ class TorchrunExecutor:
         self.node_rank = node_rank
         self.exit_code: int | None = None  # the agent's, once it ran (2 and 1 are both "failed")
         self.attempt: int | None = None  # the number of the worker group the agent started
+        self.hang: Hang | None = None  # the hang this node's watcher ended, if any
 
     def world(self, job: JobSpec) -> tuple[int, int]:
         return self.nnodes * self.nproc_per_node, self.nnodes
@@ -165,8 +166,8 @@ class TorchrunExecutor:
                 codes = {failure.exitcode for failure in exc.failures.values()}
                 print(f"sft-cluster: worker exit codes {sorted(codes)}", file=sys.stderr, flush=True)
                 code = exit_code(codes)
-        self.attempt = watch.attempt
-        return PREEMPTED if code and watch.hang is not None else code
+        self.attempt, self.hang = watch.attempt, watch.hang
+        return PREEMPTED if code and self.hang is not None else code
 
     def execute(self, prepared: Prepared, console: Console) -> Outcome:
         """The first node's: also records every node's hang (``collect_node_hangs``) and ends the
@@ -178,7 +179,8 @@ class TorchrunExecutor:
         if self.word is not None:
             self.word.give(0)
         code = self.exit_code = self.start_agent(prepared.job)
-        hangs = [Hang.from_event(r) for r in collect_node_hangs(run) if r["attempt"] == self.attempt]
+        recorded = [Hang.from_event(r) for r in collect_node_hangs(run) if r["attempt"] == self.attempt]
+        hangs = recorded or ([self.hang] if self.hang else [])  # its own, also when its record failed
         if code and hangs:  # failed, for the summary; exit 75, so the launcher starts it again
             code = self.exit_code = PREEMPTED
             said = "; ".join(hang.describe() for hang in hangs)

@@ -63,6 +63,23 @@ def test_a_local_output_uri_on_several_nodes_is_refused_before_training(cluster,
     assert not out.exists()
 
 
+def _in_bucket(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    """The overrides that put a run in ``s3://bucket/prefix``."""
+    return [f"output_uri=s3://{bucket}/{prefix}", f"storage.endpoint_url={s3.endpoint}"]
+
+
+def _until_step_10_committed(
+    s3: S3Server, bucket: str, prefix: str, driver: subprocess.Popen, timeout: float = 400
+) -> None:
+    """Until the run's first checkpoint is committed; the driver must not end before."""
+    folder = f"{prefix}/checkpoints/step-00000010/"
+    deadline = time.monotonic() + timeout
+    while f"{folder}COMMITTED" not in s3.keys(bucket, folder):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no commit of step 10"
+        time.sleep(0.5)
+
+
 def _get(s3: S3Server, bucket: str, key: str, into: Path | None = None) -> bytes:
     body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     if into is not None:
@@ -77,15 +94,8 @@ def test_a_run_spans_two_nodes_survives_losing_one_and_ends_with_the_uninterrupt
     tmp_path,
 ):
     bucket, prefix = s3_server.make_bucket(), "runs/multinode"
-    driver = _start_driver(
-        cluster, tmp_path, f"output_uri=s3://{bucket}/{prefix}", f"storage.endpoint_url={s3_server.endpoint}"
-    )
-    first_commit = f"{prefix}/checkpoints/step-00000010/COMMITTED"
-    deadline = time.monotonic() + 400
-    while first_commit not in s3_server.keys(bucket, f"{prefix}/checkpoints/step-00000010/"):
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no commit of step 10"
-        time.sleep(0.5)
+    driver = _start_driver(cluster, tmp_path, *_in_bucket(s3_server, bucket, prefix))
+    _until_step_10_committed(s3_server, bucket, prefix, driver)
     survivor, lost = cluster.workers
     cluster.kill_node(lost)  # a node loss: its raylet and its worker, SIGKILLed
     replacement = cluster.add_worker_node()
@@ -154,19 +164,13 @@ def test_an_elastic_run_shrinks_on_a_lost_node_and_grows_back_without_losing_a_s
     driver = _start_driver(
         cluster,
         tmp_path,
-        f"output_uri=s3://{bucket}/{prefix}",
-        f"storage.endpoint_url={s3_server.endpoint}",
+        *_in_bucket(s3_server, bucket, prefix),
         "resources.num_workers={min: 1, max: 2}",
         "resources.resize_interval_s=5",
         "train.global_batch_size=8",
     )
     deadline = time.monotonic() + 400
-    while f"{prefix}/checkpoints/step-00000010/COMMITTED" not in s3_server.keys(
-        bucket, f"{prefix}/checkpoints/"
-    ):
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no commit of step 10"
-        time.sleep(0.5)
+    _until_step_10_committed(s3_server, bucket, prefix, driver)
     cluster.kill_node(cluster.workers[-1])
     while _plan_history(s3_server, bucket, prefix) != [(2, 1, 10)]:  # the group of one started
         assert driver.poll() is None, driver.stdout.read()[-3000:]
@@ -212,15 +216,10 @@ def test_a_worker_stopped_on_one_node_is_dumped_there_and_the_run_resumes_to_the
     driver = _start_driver(
         cluster,
         tmp_path,
-        f"output_uri=s3://{bucket}/{prefix}",
-        f"storage.endpoint_url={s3_server.endpoint}",
+        *_in_bucket(s3_server, bucket, prefix),
         *WATCHDOG,
     )
-    deadline = time.monotonic() + 400
-    while f"{prefix}/checkpoints/step-00000010/COMMITTED" not in s3_server.keys(bucket, prefix):
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no commit of step 10"
-        time.sleep(0.5)
+    _until_step_10_committed(s3_server, bucket, prefix, driver)
     below = psutil.Process(cluster.workers[-1].raylet_pid).children(recursive=True)
     (stopped,) = [p for p in below if "RayTrainWorker" in " ".join(p.cmdline())]
     stopped.send_signal(signal.SIGSTOP)
