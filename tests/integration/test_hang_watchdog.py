@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from sft_cluster.driver.torchrun import NODE_RANK_ENV
 from sft_cluster.train.staging import NODE_NAME_ENV
@@ -91,6 +92,9 @@ def test_ray_a_stopped_worker_is_dumped_ended_and_the_run_resumes_to_the_same_we
     _say("Ray", hang, stopped_at)
 
 
+# Opt-in (-m slow, 80 s in CI): the two-node test below runs the same torchrun path (a watcher per
+# node, the first node's driver recording the hang, exit 75, a restart to the reference weights).
+@pytest.mark.slow
 def test_torchrun_a_stopped_worker_is_dumped_ended_and_a_restart_resumes_to_the_same_weights(
     tmp_path, isolated_env, reference_run
 ):
