@@ -101,8 +101,7 @@ class NodeWatch:
     def _record(self, hang: Hang, stacks: dict[int, str]) -> str:
         folder = write_stacks(self.run, hang.attempt, stacks)
         record = {**hang_event(hang, folder), "node_rank": self.node_rank}
-        uri = self.run.node_hang(hang.attempt, self.node_rank)
-        storage.write_text(uri, json.dumps(record), self.run.options)
+        self.run.write_json(self.run.node_hang(hang.attempt, self.node_rank), record)
         return folder
 
 
@@ -111,7 +110,7 @@ def collect_node_hangs(run: RunDir) -> list[dict]:
     records appended. Only the first node's driver calls it, while no worker of the run is running."""
     fs, path = storage.filesystem(run.hangs, run.options)
     found = retrying(fs.glob, f"{path}/attempt-*/node-*.json", what=f"listing {run.hangs}")
-    records = [json.loads(retrying(fs.cat_file, record, what=f"reading {record}")) for record in found]
+    records = [run.read_json(fs.unstrip_protocol(record)) for record in found]
     events = read_jsonl(run.events, run.options)
     logged = {(e["attempt"], e.get("node_rank")) for e in events if e.get("event") == "hang"}
     new = [r for r in records if (r["attempt"], r["node_rank"]) not in logged]
